@@ -71,9 +71,20 @@ class MergeParameters(_Strict):
     # TIES variants; None: the paper's ("sum" and "mean"). See `dareflow ls`.
     sign_election: SignElection | None = None
     disjoint_merge: DisjointMerge | None = None
-    trim_after_dare: float = Field(default=0.0, ge=0.0, le=1.0)
+    # dare_ties only: TIES magnitude trim (a drop rate) after DARE. None: the DARE
+    # authors' code (MergeLM runs full TIES, trim 0.8, after DARE); 0 = mergekit/peft.
+    trim_after_dare: float | None = Field(default=None, ge=0.0, le=1.0)
     # mergekit's int8_mask only saves memory there; masks here are always exact.
     int8_mask: bool = False
+
+
+    @field_validator("rescale", mode="before")
+    @classmethod
+    def _mergekit_rescale(cls, value: Any) -> Any:
+        # mergekit spells it as a bool: true = its L1-norm rescale, false = DropOnly.
+        if isinstance(value, bool):
+            return "l1" if value else "none"
+        return value
 
 
 class Recipe(_Strict):
@@ -155,7 +166,7 @@ def _semantic_problems(recipe: Recipe) -> list[str]:
             "parameters: give either normalize (mergekit: true = disjoint_merge 'weight', "
             "false = 'sum') or disjoint_merge for TIES methods, not both"
         )
-    if params.trim_after_dare and row.id != "dare_ties":
+    if params.trim_after_dare is not None and row.id != "dare_ties":
         problems.append(
             f"parameters.trim_after_dare: only applies to dare_ties, not '{row.id}'"
         )

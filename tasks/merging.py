@@ -19,7 +19,7 @@ import torch
 from tasks import assemble, storage
 from tasks.checkpoints import Checkpoint, check_family
 from tasks.config import Recipe, drop_rate_of, fine_tunes, recipe_to_dict, weight_of
-from tasks.merge_math import MergeSpec, ModelParams, merge_tensor
+from tasks.merge_math import MERGELM_TIES_TRIM, METHODS, MergeSpec, ModelParams, merge_tensor
 from tasks.plan import plan_units
 
 #: Bump when a change to the merge math or shard layout changes output bytes; it is
@@ -74,8 +74,6 @@ def build_spec(recipe: Recipe, out_dtype: str) -> MergeSpec:
     params = recipe.parameters
     disjoint = params.disjoint_merge
     normalize = params.normalize
-    from tasks.merge_math import METHODS
-
     if METHODS[recipe.merge_method].consensus == "ties":
         if disjoint is None and normalize is not None:
             # mergekit's `normalize` on TIES is our disjoint_merge weight | sum
@@ -96,10 +94,17 @@ def build_spec(recipe: Recipe, out_dtype: str) -> MergeSpec:
         normalize=normalize,
         sign_election=params.sign_election or "sum",
         disjoint_merge=disjoint or "mean",
-        trim_after_dare=params.trim_after_dare,
+        trim_after_dare=_trim_after_dare(recipe),
         seed=recipe.seed,
         out_dtype=_DTYPES[out_dtype],
     )
+
+
+def _trim_after_dare(recipe: Recipe) -> float:
+    """dare_ties defaults to the DARE authors' trim; 0 elsewhere."""
+    if recipe.parameters.trim_after_dare is not None:
+        return recipe.parameters.trim_after_dare
+    return MERGELM_TIES_TRIM if recipe.merge_method == "dare_ties" else 0.0
 
 
 def _default_dtype(base: Checkpoint) -> str:

@@ -112,7 +112,7 @@ def dare(
     if p == 1.0:
         return torch.zeros_like(delta)
     # sparsify: drop, then rescale the survivors
-    keep = keep_mask(delta.shape, p, key)
+    keep = keep_mask(delta.shape, p, key).to(delta.device)
     kept = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
     return _apply_rescale(delta, kept, rescale, p)
 

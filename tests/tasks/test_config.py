@@ -133,3 +133,9 @@ def test_load_recipe_reads_yaml(tmp_path):
     """))
     recipe = load_recipe(path)
     assert recipe.seed == 7 and recipe.parameters.trim_after_dare == 0.2
+
+
+@pytest.mark.parametrize(("given", "expected"), [(True, "l1"), (False, "none"), ("inverse", "inverse")])
+def test_mergekit_boolean_rescale(given, expected):
+    recipe = parse_recipe(_recipe(parameters={"rescale": given}))
+    assert recipe.parameters.rescale == expected

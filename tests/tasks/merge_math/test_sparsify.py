@@ -164,19 +164,27 @@ def test_magnitude_prune_ties_at_the_kth_value_go_to_lowest_indices():
 
 
 def test_magnitude_prune_bf16_like_data_keeps_exactly_k():
-    # bf16 deltas take few distinct values: huge tie groups and many zeros.
-    levels = torch.randint(-3, 4, (100_000,), generator=torch.Generator().manual_seed(0))
-    delta = (levels.float() * 2.0**-10).to(torch.bfloat16)
-    for p in (0.1, 0.5, 0.9, 0.99):
+    # bf16 deltas take few distinct values: huge tie groups (here 6 values, no zeros).
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.randint(1, 4, (100_000,), generator=generator).float()
+    signs = torch.randint(0, 2, (100_000,), generator=generator).float() * 2 - 1
+    delta = (levels * signs * 2.0**-10).to(torch.bfloat16)
+    for p in (0.1, 0.5, 0.9, 0.99, 0.99999):
         out = magnitude_prune(delta, p)
         kept = out != 0
-        k = magnitude_keep_count(delta.numel(), p)
-        # zeros may be "kept" too; count kept slots via the magnitude ordering
-        assert int(kept.sum()) <= k
-        if (delta != 0).sum() >= k:
-            assert int(kept.sum()) == k
-        if kept.any() and (~kept).any():
+        assert int(kept.sum()) == magnitude_keep_count(delta.numel(), p)
+        assert torch.equal(out[kept], delta.float()[kept])
+        if (~kept).any():
             assert out.abs()[kept].min() >= delta.float().abs()[~kept].max()
+
+
+def test_magnitude_prune_with_many_zero_deltas_never_keeps_more_than_k():
+    generator = torch.Generator().manual_seed(1)
+    levels = torch.randint(-2, 3, (10_000,), generator=generator)
+    delta = levels.float() * 2.0**-8  # ~40 % exact zeros
+    for p in (0.2, 0.5, 0.9):
+        k = magnitude_keep_count(delta.numel(), p)
+        assert int((magnitude_prune(delta, p) != 0).sum()) == min(k, int((delta != 0).sum()))
 
 
 @pytest.mark.parametrize(
