@@ -201,7 +201,8 @@ def _rate(own: ModelParameters, default: MergeParameters) -> float | None:
         if p.drop_rate is not None:
             return p.drop_rate
         if p.density is not None:
-            return 1.0 - p.density
+            # round away float noise: density 0.7 is p = 0.3, not 0.30000000000000004
+            return round(1.0 - p.density, 12)
     return None
 
 

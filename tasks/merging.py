@@ -115,6 +115,35 @@ def _default_dtype(base: Checkpoint) -> str:
     return counts.most_common(1)[0][0] if counts else "float32"
 
 
+def resolved_recipe(recipe: Recipe, out_dtype: str) -> dict[str, Any]:
+    """The recipe with every default made explicit (what the output records).
+
+    Still a valid recipe: parsing it gives the same merge. Per-model ``density`` becomes
+    ``drop_rate``; rescale, TIES options, trim, dtype and seed are spelled out.
+    """
+    spec = build_spec(recipe, out_dtype)
+    row = spec.row
+    data = recipe_to_dict(recipe)
+    params: dict[str, Any] = {"lambda": spec.scale} if row.needs_base else {}
+    if row.sparsification != "none":
+        params["rescale"] = spec.resolved_rescale
+    if row.consensus == "ties":
+        params["sign_election"] = spec.sign_election
+        params["disjoint_merge"] = spec.disjoint_merge
+    elif spec.resolved_normalize is not None:
+        params["normalize"] = spec.resolved_normalize
+    if row.id == "dare_ties":
+        params["trim_after_dare"] = spec.trim_after_dare
+    models = []
+    for m in spec.models:
+        model_params: dict[str, Any] = {"weight": m.weight}
+        if row.sparsification != "none":
+            model_params["drop_rate"] = m.drop_rate
+        models.append({"model": m.model_id, "parameters": model_params})
+    data.update(models=models, parameters=params, dtype=out_dtype, seed=spec.seed)
+    return data
+
+
 def plan_merge(recipe: Recipe, *, base_uri: str | None, model_uris: dict[str, str],
                work_uri: str, sources: list[dict[str, Any]] | None = None) -> MergePlan:
     """Open every checkpoint's header, check the family, and split it into units.
@@ -133,7 +162,7 @@ def plan_merge(recipe: Recipe, *, base_uri: str | None, model_uris: dict[str, st
     build_spec(recipe, out_dtype)  # fail now, not in the first unit task
     units = [UnitJob(u.name, tuple(u.tensors)) for u in plan_units(reference.tensors)]
     return MergePlan(
-        recipe=recipe_to_dict(recipe),
+        recipe=resolved_recipe(recipe, out_dtype),
         base_uri=base_uri,
         model_uris=dict(model_uris),
         out_dtype=out_dtype,

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
+
+# =============================================================================================
+# Prefect: an ephemeral server with its own home per test session, no analytics, quiet logs
+# (the temporary server logs at shutdown, after pytest has closed the captured streams).
+# Set before anything imports prefect.
+# =============================================================================================
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="dareflow-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
@@ -95,33 +107,161 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def s3_store():
-    """A moto S3 server on 127.0.0.1 with bucket ``dareflow-test``.
+@pytest.fixture
+def s3_store(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """Bucket ``dareflow-test`` on the session moto server (``s3_server``, defined in the
+    storage/download group below); created when missing, shared by the tests that use it
+    (each test writes under its own prefix).
 
     Yields:
         ``(bucket_uri, storage_options)``: ``"s3://dareflow-test"`` and the s3fs options
-        to pass to every ``tasks.storage`` call.
+        to pass to every ``tasks.storage`` call (no AWS_* credentials variables needed).
     """
-    import os
-
-    from tests.servers import REGION, moto_s3_server
     from tasks import storage
+    from tests.servers import REGION
 
     # s3fs/botocore need a region; region_name must stay out of client_kwargs (ASSETS.md).
-    old_region = os.environ.get("AWS_DEFAULT_REGION")
-    os.environ["AWS_DEFAULT_REGION"] = REGION
-    try:
-        with moto_s3_server() as server:
-            options = server.storage_options()
-            fs, _ = storage.get_fs("s3://dareflow-test", **options)
-            fs.mkdir("dareflow-test")
-            yield "s3://dareflow-test", options
-    finally:
-        if old_region is None:
-            os.environ.pop("AWS_DEFAULT_REGION", None)
-        else:
-            os.environ["AWS_DEFAULT_REGION"] = old_region
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    options = s3_server.storage_options()
+    fs, _ = storage.get_fs("s3://dareflow-test", **options)
+    if not fs.exists("dareflow-test"):
+        fs.mkdir("dareflow-test")
+    return "s3://dareflow-test", options
 
 
 # ============================================================================ end checkpoint IO
+
+
+# =============================================================================================
+# Object storage and download fixtures (tasks/s3config.py, tasks/download.py, tests/servers.py)
+#
+# Real servers on 127.0.0.1 (see tests/servers.py): a session-wide moto_server subprocess, a
+# fresh bucket per test with the AWS_* variables pointing at it, a disk-backed nanio server
+# that checks SigV4 credentials, and a factory for fake Hugging Face Hubs.
+# =============================================================================================
+
+
+class S3Bucket(tuple):
+    """``(uri, storage_options, server)`` with attribute access; unpacks like a tuple."""
+
+    __slots__ = ()
+
+    def __new__(cls, uri: str, storage_options: dict, server):
+        return super().__new__(cls, (uri, storage_options, server))
+
+    uri = property(lambda self: self[0])
+    storage_options = property(lambda self: self[1])
+    server = property(lambda self: self[2])
+
+
+_AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+             "AWS_PROFILE")
+
+
+def _point_aws_env_at(monkeypatch: pytest.MonkeyPatch, server) -> None:
+    for var in _AWS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in server.credentials.items():
+        monkeypatch.setenv(var, value)
+
+
+def _fresh_bucket(monkeypatch: pytest.MonkeyPatch, server):
+    import contextlib
+    import uuid
+
+    from tasks import storage
+
+    _point_aws_env_at(monkeypatch, server)
+    options = server.storage_options()
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs, _ = storage.get_fs(f"s3://{name}", **options)
+    fs.mkdir(name)
+    yield S3Bucket(f"s3://{name}", options, server)
+    if server.running:  # a test may have stopped or restarted it
+        with contextlib.suppress(Exception):
+            # Not rm(recursive=True): nanio 0.1.7 answers 500 when DeleteObjects includes the
+            # folder keys s3fs adds, and botocore retries for ~10 s.
+            fs.rm(fs.find(name))
+            fs.rmdir(name)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server (``moto_server`` subprocess) for the whole session; stopped at the end
+    (its whole process group). Objects live in RAM; any credentials are accepted."""
+    from tests.servers import moto_s3_server, process_group_alive
+
+    server = moto_s3_server().start()
+    try:
+        yield server
+    finally:
+        pid = server.pid
+        server.stop()
+        assert pid is None or not process_group_alive(pid), "moto_server outlived its fixture"
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """A fresh, empty bucket on the session moto server, deleted after the test.
+
+    The AWS_* variables point at the server for the test (so ``storage_options_for`` and
+    botocore find it); returns ``S3Bucket(uri="s3://test-…", storage_options={...}, server)``.
+    """
+    yield from _fresh_bucket(monkeypatch, s3_server)
+
+
+@pytest.fixture(scope="session")
+def nanio_server(tmp_path_factory: pytest.TempPathFactory):
+    """A nanio S3 server for the session: disk-backed (state survives ``restart()``) and
+    checking SigV4 credentials (a wrong secret gets 403)."""
+    from tests.servers import nanio_s3_server, process_group_alive
+
+    server = nanio_s3_server(tmp_path_factory.mktemp("nanio-data")).start()
+    try:
+        yield server
+    finally:
+        pid = server.pid
+        server.stop()
+        assert pid is None or not process_group_alive(pid), "nanio outlived its fixture"
+
+
+@pytest.fixture
+def nanio_bucket(nanio_server, monkeypatch: pytest.MonkeyPatch):
+    """Like ``s3_bucket``, on the credential-checking nanio server."""
+    yield from _fresh_bucket(monkeypatch, nanio_server)
+
+
+@pytest.fixture
+def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Isolates huggingface_hub: HF_HOME in a temp dir, no token, endpoint or offline flag
+    inherited from the machine. Returns HF_HOME."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE",
+                "HF_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return home
+
+
+@pytest.fixture
+def fake_hub(hf_env):
+    """Factory: ``fake_hub({"org/name": folder}, token=None) -> FakeHub`` (started; stopped
+    after the test). Pass ``endpoint=hub.endpoint`` to the code under test."""
+    from tests.servers import fake_hf_hub
+
+    hubs = []
+
+    def start(repos, token=None):
+        hub = fake_hf_hub(repos, token=token).start()
+        hubs.append(hub)
+        return hub
+
+    yield start
+    for hub in hubs:
+        hub.stop()
+
+
+# ======================================================================= end storage/download
