@@ -10,8 +10,8 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, Per
 def _cmd_merge(args: argparse.Namespace) -> int:
     from flows.merge import run_merge
 
-    manifest = run_merge(args.config, args.out, max_workers=args.max_workers,
-                         overwrite=args.overwrite)
+    manifest = run_merge(args.config, args.out, store=args.store,
+                         max_workers=args.max_workers, overwrite=args.overwrite)
     print(f"merged {len(manifest['shards'])} shard(s) into {manifest['out']}")
     return 0
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="run a merge recipe")
     p.add_argument("config", help="recipe YAML (see configs/)")
     p.add_argument("--out", help="output folder or URI (default: the recipe's output:)")
+    p.add_argument("--store", default=None,
+                   help="artifact store for committed layers and caches "
+                        "(default: $DAREFLOW_STORE or ~/.cache/dareflow)")
     p.add_argument("--max-workers", type=int, default=None,
                    help="parallel layer tasks (default: min(4, cores))")
     p.add_argument("--overwrite", action="store_true",

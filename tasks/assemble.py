@@ -234,7 +234,7 @@ def copy_model_files(
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{config_uri!r} is not valid JSON ({e}); restore it") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{config_uri!r} is not a JSON object; restore it")
+        raise ValueError(f"{config_uri!r} is not a JSON object; restore it")  # noqa: TRY004
     _set_dtype(config, dtype)
     storage.write_bytes_atomic(
         storage.join(out_uri, CONFIG_NAME), _json_bytes(config), **storage_options
@@ -343,12 +343,12 @@ def render_model_card(
     method = recipe.get("merge_method", recipe.get("method", "a merge method"))
     parts = [
         _front_matter(recipe),
-        f"\n# {name}\n\n"
+        (f"\n# {name}\n\n"
         f"A merge of fine-tuned language models made with dareflow using `{method}`. "
         "DARE (Drop And REscale; Yu et al., *Language Models are Super Mario*, ICML 2024, "
         "arXiv:2311.03099) drops each delta parameter with probability p and rescales the "
         "rest. Masks depend only on (seed, model, tensor), so the recipe below reproduces "
-        "these weights bit for bit.\n",
+        "these weights bit for bit.\n"),
         "\n## Recipe\n\n" + _recipe_section(recipe),
     ]
     if sources:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import struct
@@ -232,7 +233,7 @@ def parse_header(
         tensors[name] = TensorInfo(name, uri, dtype, tuple(shape), start, end)
 
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):
+    for (_, prev_end, prev), (start, _, name) in itertools.pairwise(spans):
         if start < prev_end:
             raise _corrupt(
                 uri, f"tensors {prev!r} and {name!r} overlap in the file (the header lies)"
@@ -350,6 +351,8 @@ class Checkpoint:
                 f"checkpoint folder {uri!r} does not exist; pass the folder that holds "
                 "config.json and model.safetensors (download Hub models first)"
             )
+        if uri.endswith(_PICKLE_SUFFIXES) and not storage.isdir(uri, **storage_options):
+            raise _pickle_error(uri, [uri.rsplit("/", 1)[-1]])
         names = storage.listdir(uri, **storage_options)
         config = _read_json(storage.join(uri, CONFIG_NAME), storage_options) if (
             CONFIG_NAME in names
@@ -590,11 +593,16 @@ def check_family(
 
         missing = [n for n in base.tensors if n not in model]
         if missing:
+            tie_hint = (
+                "; if this model ties its output head to its input embeddings, its "
+                "config.json needs tie_word_embeddings: true"
+                if LM_HEAD in missing and not model.tie_word_embeddings else ""
+            )
             problems.append(
                 f"{who}: missing {len(missing)} tensor(s) present in the base: "
-                f"{_names_list(missing)}"
+                f"{_names_list(missing)}{tie_hint}"
             )
-        extra = [n for n in model.tensors if n not in base]
+        extra = [n for n in model.tensors if n not in base.tensors]
         untied = [n for n in extra if n == LM_HEAD and base.tie_word_embeddings]
         if untied:
             problems.append(
@@ -650,7 +658,8 @@ def _shape_problem(
             f"{who}: tensor {name!r} has {m[0]} rows vs {b[0]} in the base (shapes "
             f"{list(m)} vs {list(b)}): a vocabulary-size difference (e.g. added tokens, "
             f"{b[0]} vs {m[0]}). Merge models that share the base's tokenizer and "
-            "vocabulary, or resize the embeddings first (resize_token_embeddings, then "
-            "save_pretrained)"
+            f"vocabulary, or resize the embeddings first so that every model has the "
+            f"same rows (e.g. model.resize_token_embeddings({b[0]}) on the fine-tune, or "
+            f"on the base to {m[0]}, then save_pretrained)"
         )
     return f"{who}: tensor {name!r} has shape {list(m)} but the base has {list(b)}"

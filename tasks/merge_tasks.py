@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.context import TaskRunContext
 
 from tasks import merging
 from tasks.config import parse_recipe
@@ -23,13 +24,15 @@ def resolve_sources(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 @task(name="plan-merge", cache_policy=NONE)
-def plan_merge(recipe: dict[str, Any], sources: dict[str, Any], work_uri: str) -> dict[str, Any]:
-    """Read headers, check the family, split into layer units."""
+def plan_merge(recipe: dict[str, Any], sources: dict[str, Any], work_uri: str,
+               store_uri: str) -> dict[str, Any]:
+    """Read headers, check the family, split into layer units with content keys."""
     plan = merging.plan_merge(
         parse_recipe(recipe, "<recipe>"),
         base_uri=sources["base_uri"],
         model_uris=sources["model_uris"],
         work_uri=work_uri,
+        store_uri=store_uri,
         sources=sources["sources"],
     )
     get_run_logger().info(
@@ -40,15 +43,30 @@ def plan_merge(recipe: dict[str, Any], sources: dict[str, Any], work_uri: str) -
     return plan.to_dict()
 
 
-@task(name="merge-unit", cache_policy=NONE, task_run_name="merge-{unit[unit]}")
+def unit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Prefect cache key of a unit: its content key, but only while its output is
+    committed in the store, so a deleted or truncated shard is recomputed rather than
+    reported as cached."""
+    plan = merging.MergePlan.from_dict(parameters["plan"])
+    job = _job(parameters["unit"])
+    if merging.committed_unit(plan, job) is None:
+        return None
+    return f"dareflow-unit-{job.key}"
+
+
+def _job(unit: dict[str, Any]) -> merging.UnitJob:
+    return merging.UnitJob(unit["unit"], tuple(unit["tensors"]), unit["key"])
+
+
+@task(name="merge-unit", cache_key_fn=unit_cache_key, persist_result=True,
+      task_run_name="merge-{unit[unit]}")
 def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
     """DARE + fusion of one layer unit; writes its shard and returns its URI and sha256."""
     started = time.perf_counter()
-    result = merging.merge_unit(
-        merging.MergePlan.from_dict(plan), merging.UnitJob(unit["unit"], tuple(unit["tensors"]))
-    )
+    result = merging.merge_unit(merging.MergePlan.from_dict(plan), _job(unit))
     get_run_logger().info(
-        "unit %s: %d tensors, %.1f MB in %.2f s", unit["unit"], len(unit["tensors"]),
+        "unit %s: %s, %d tensors, %.1f MB in %.2f s", unit["unit"],
+        "already committed" if result["cached"] else "merged", len(unit["tensors"]),
         result["nbytes"] / 1e6, time.perf_counter() - started,
     )
     return result

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import shutil
+import signal
+import threading
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,10 +37,16 @@ _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "
 
 @dataclass(frozen=True)
 class UnitJob:
-    """What one layer-unit task needs: small, JSON-able."""
+    """What one layer-unit task needs: small, JSON-able.
+
+    ``key`` content-addresses the unit's output: the sha256 of its input tensors'
+    fingerprints, the merge spec, the seed, the output dtype and MERGE_CODE_VERSION,
+    never the output location.
+    """
 
     unit: str
     tensors: tuple[str, ...]
+    key: str = ""
 
 
 @dataclass
@@ -48,7 +59,8 @@ class MergePlan:
         model_uris: model id → checkpoint URI, in merge order.
         out_dtype: dtype name of the merged tensors.
         units: The work units, in checkpoint order.
-        work_uri: Folder where unit shards are written before publishing.
+        work_uri: Folder where the model is assembled before publishing.
+        store_uri: Artifact store root; unit shards live under ``{store}/units/``.
     """
 
     recipe: dict[str, Any]
@@ -57,6 +69,7 @@ class MergePlan:
     out_dtype: str
     units: list[UnitJob]
     work_uri: str
+    store_uri: str
     sources: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,7 +78,7 @@ class MergePlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MergePlan:
         data = dict(data)
-        data["units"] = [UnitJob(u["unit"], tuple(u["tensors"])) for u in data["units"]]
+        data["units"] = [UnitJob(u["unit"], tuple(u["tensors"]), u["key"]) for u in data["units"]]
         return cls(**data)
 
 
@@ -145,7 +158,8 @@ def resolved_recipe(recipe: Recipe, out_dtype: str) -> dict[str, Any]:
 
 
 def plan_merge(recipe: Recipe, *, base_uri: str | None, model_uris: dict[str, str],
-               work_uri: str, sources: list[dict[str, Any]] | None = None) -> MergePlan:
+               work_uri: str, store_uri: str,
+               sources: list[dict[str, Any]] | None = None) -> MergePlan:
     """Open every checkpoint's header, check the family, and split it into units.
 
     Reads only headers (and config.json), never tensor data.
@@ -160,16 +174,67 @@ def plan_merge(recipe: Recipe, *, base_uri: str | None, model_uris: dict[str, st
                  {k: v for k, v in list(checkpoints.items())[1:]})
     out_dtype = recipe.dtype or _default_dtype(reference)
     build_spec(recipe, out_dtype)  # fail now, not in the first unit task
-    units = [UnitJob(u.name, tuple(u.tensors)) for u in plan_units(reference.tensors)]
+    resolved = resolved_recipe(recipe, out_dtype)
+    inputs = ({"base": Checkpoint.open(base_uri)} if base_uri else {}) | checkpoints
+    units = [
+        UnitJob(u.name, tuple(u.tensors), unit_key(resolved, u.tensors, inputs))
+        for u in plan_units(reference.tensors)
+    ]
     return MergePlan(
-        recipe=resolved_recipe(recipe, out_dtype),
+        recipe=resolved,
         base_uri=base_uri,
         model_uris=dict(model_uris),
         out_dtype=out_dtype,
         units=units,
         work_uri=work_uri,
+        store_uri=store_uri,
         sources=sources or [],
     )
+
+
+def unit_key(resolved: dict[str, Any], tensors: tuple[str, ...] | list[str],
+             inputs: dict[str, Checkpoint]) -> str:
+    """Content address of one unit's output (see ``UnitJob``).
+
+    Only what changes the output bytes enters: the math parameters of the resolved
+    recipe (not ``output``/``name``), the unit's tensor names, and each input tensor's
+    fingerprint (file identity + byte range, no data read).
+    """
+    math = {k: v for k, v in resolved.items() if k not in ("output", "name")}
+    payload = {
+        "code": MERGE_CODE_VERSION,
+        "recipe": math,
+        "tensors": list(tensors),
+        "inputs": {role: [ckpt.fingerprint(t) for t in tensors]
+                   for role, ckpt in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def unit_uris(store_uri: str, key: str) -> tuple[str, str]:
+    """(shard URI, sidecar URI) of a unit output in the store."""
+    base = storage.join(store_uri, "units", key[:2], key)
+    return base + ".safetensors", base + ".json"
+
+
+def committed_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any] | None:
+    """The recorded result of a committed unit, or None if it must be (re)computed.
+
+    A unit is committed when its sidecar exists (written after the shard) and the shard
+    exists with the recorded size; a deleted or truncated shard is recomputed.
+    """
+    shard, sidecar = unit_uris(plan.store_uri, job.key)
+    try:
+        record = json.loads(storage.read_bytes(sidecar))
+        if storage.size(shard) != record["nbytes"]:
+            return None
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    return record
+
+
+_FAULT_LOCK = threading.Lock()
+_FAULT_COUNTS: dict[str, int] = {}
 
 
 def shard_name(unit: str) -> str:
@@ -178,18 +243,22 @@ def shard_name(unit: str) -> str:
 
 
 def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
-    """Merge every tensor of one unit and write its shard (atomically).
+    """Merge every tensor of one unit into a shard in the store, unless committed.
 
+    The shard is written atomically, then its sidecar (sha256, size, tensors): the
+    sidecar is the commit record, so a killed run never leaves a unit that looks done.
     Peak memory: the unit's merged tensors plus, for the tensor being merged, the base
     and K fine-tuned copies in float32.
 
     Returns:
-        ``{"unit", "file", "uri", "sha256", "nbytes", "tensors"}``.
+        ``{"unit", "key", "file", "uri", "sha256", "nbytes", "tensors", "cached"}``.
     """
+    record = committed_unit(plan, job)
+    if record is not None:
+        return {**record, "cached": True}
     from tasks.config import parse_recipe
 
-    recipe = parse_recipe(plan.recipe, "<plan>")
-    spec = build_spec(recipe, plan.out_dtype)
+    spec = build_spec(parse_recipe(plan.recipe, "<plan>"), plan.out_dtype)
     base = Checkpoint.open(plan.base_uri) if plan.base_uri else None
     models = [Checkpoint.open(plan.model_uris[m.model_id]) for m in spec.models]
     merged: dict[str, torch.Tensor] = {}
@@ -198,11 +267,25 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
         finetuned = [ckpt.read(name) for ckpt in models]
         merged[name] = merge_tensor(name, base_t, finetuned, spec)
         del base_t, finetuned
-    file = shard_name(job.unit)
-    uri = storage.join(plan.work_uri, file)
-    sha256, nbytes = assemble.write_shard(uri, merged, {"format": "pt"})
-    return {"unit": job.unit, "file": file, "uri": uri, "sha256": sha256, "nbytes": nbytes,
-            "tensors": list(job.tensors)}
+    shard, sidecar = unit_uris(plan.store_uri, job.key)
+    sha256, nbytes = assemble.write_shard(shard, merged, {"format": "pt"})
+    record = {"unit": job.unit, "key": job.key, "file": shard_name(job.unit), "uri": shard,
+              "sha256": sha256, "nbytes": nbytes, "tensors": list(job.tensors)}
+    storage.write_bytes_atomic(sidecar, json.dumps(record, sort_keys=True).encode())
+    _fault_point("unit-committed")
+    return {**record, "cached": False}
+
+
+def _fault_point(where: str) -> None:
+    """Test hook: ``DAREFLOW_FAULT=<where>:<n>`` SIGKILLs this process the n-th time
+    ``where`` is reached (fault-injection tests kill a merge at exact points)."""
+    spec = os.environ.get("DAREFLOW_FAULT", "")
+    if not spec.startswith(where + ":"):
+        return
+    with _FAULT_LOCK:
+        _FAULT_COUNTS[where] = _FAULT_COUNTS.get(where, 0) + 1
+        if _FAULT_COUNTS[where] >= int(spec.split(":", 1)[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def versions() -> dict[str, str]:
@@ -226,6 +309,9 @@ def assemble_model(plan: MergePlan, results: list[dict[str, Any]], out_uri: str)
     Returns:
         The manifest (also written as ``manifest.json``).
     """
+    for r in results:
+        _link_or_copy(r["uri"], storage.join(plan.work_uri, r["file"]))
+    _fault_point("shards-copied")
     weight_map = {t: r["file"] for r in results for t in r["tensors"]}
     total = sum(r["nbytes"] for r in results)
     assemble.write_index(out_uri, weight_map, total)
@@ -248,9 +334,35 @@ def assemble_model(plan: MergePlan, results: list[dict[str, Any]], out_uri: str)
     return manifest
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Place a committed unit shard in the output folder: a hard link on one local
+    filesystem (no bytes copied; shards are never modified in place), else a copy."""
+    src_fs, src_path = storage.get_fs(src)
+    dst_fs, dst_path = storage.get_fs(dst)
+    if storage._is_local(src_fs) and storage._is_local(dst_fs):
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        if os.path.exists(dst_path):
+            os.remove(dst_path)
+        try:
+            os.link(src_path, dst_path)
+            return
+        except OSError:
+            pass
+    storage.copy_file(src, dst)
+
+
+def _is_local_uri(uri: str) -> bool:
+    return storage._is_local(storage.get_fs(uri)[0])
+
+
 def staging_uri(out_uri: str) -> str:
-    """The folder a merge writes into before it is published at ``out_uri``."""
-    return out_uri.rstrip("/") + ".partial"
+    """Where the model is assembled before it is published at ``out_uri``.
+
+    Local: a sibling ``<out>.partial`` folder, renamed onto ``out`` at the end. Object
+    stores have no rename: the model is assembled in place and ``manifest.json``,
+    written last, marks it complete.
+    """
+    return out_uri.rstrip("/") + ".partial" if _is_local_uri(out_uri) else out_uri
 
 
 def check_output(out_uri: str, *, overwrite: bool) -> None:
@@ -267,39 +379,33 @@ def check_output(out_uri: str, *, overwrite: bool) -> None:
         )
 
 
+def clear_staging(staging: str) -> None:
+    """Remove what an earlier, interrupted run left in the staging folder (local), or
+    the completion marker of the model being replaced (object store)."""
+    fs, path = storage.get_fs(staging)
+    if storage._is_local(fs):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        storage.remove(storage.join(staging, "manifest.json"), missing_ok=True)
+
+
 def publish(staging: str, out_uri: str) -> None:
-    """Make the finished staging folder visible at ``out_uri``, all at once.
+    """Make the finished model visible at ``out_uri``.
 
     Local folders: an atomic rename (a previous output is moved aside first and
-    deleted only after the rename). Object stores: files are copied with
-    ``manifest.json`` last, so a reader that waits for the manifest never sees a
-    partial model.
+    deleted only after the rename). Object stores: already in place; the manifest was
+    written last.
     """
-    fs, src = storage.get_fs(staging)
-    _, dst = storage.get_fs(out_uri)
-    if storage._is_local(fs):
-        import os
-        import shutil
-        import uuid
-
-        old = None
-        if os.path.exists(dst):
-            old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-        os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
-        os.replace(src, dst)
-        if old:
-            shutil.rmtree(old)
+    if staging == out_uri:
         return
-    names = sorted(storage.listdir(staging), key=lambda n: n == "manifest.json")
-    for name in names:
-        storage.copy_file(storage.join(staging, name), storage.join(out_uri, name))
-    for name in names:
-        storage.remove(storage.join(staging, name), missing_ok=True)
-
-
-def clear_staging(staging: str) -> None:
-    """Remove what an earlier, interrupted run left in the staging folder."""
-    fs, path = storage.get_fs(staging)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    _, src = storage.get_fs(staging)
+    _, dst = storage.get_fs(out_uri)
+    old = None
+    if os.path.exists(dst):
+        old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+    os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
+    os.replace(src, dst)
+    if old:
+        shutil.rmtree(old)

@@ -88,7 +88,7 @@ def _storage_errors(uri: str, action: str) -> Iterator[None]:
         ) from e
     except OSError as e:
         raise OSError(f"cannot {action} {uri!r}: {_reason(e)}") from e
-    except Exception as e:  # noqa: BLE001 - only client-library errors are translated
+    except Exception as e:  # only client-library errors are translated, others re-raised
         if type(e).__module__.split(".")[0] not in _BACKEND_MODULES:
             raise
         raise OSError(
@@ -402,7 +402,7 @@ def _local_atomic(uri: str, path: str) -> Iterator[IO[bytes]]:
     tmp = _tmp_sibling(path)
     with _storage_errors(uri, "write"):
         os.makedirs(parent, exist_ok=True)
-        f = open(tmp, "wb")
+        f = open(tmp, "wb")  # noqa: SIM115 - closed below, before the rename
     try:
         yield f
         with _storage_errors(uri, "write"):
@@ -423,7 +423,9 @@ def _object_store_atomic(
     uri: str, fs: fsspec.AbstractFileSystem, path: str
 ) -> Iterator[IO[bytes]]:
     # Spool locally, then one put: the object never exists in a partial state.
-    spool = tempfile.NamedTemporaryFile(prefix="dareflow-upload-", delete=False)
+    spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed before the put
+        prefix="dareflow-upload-", delete=False
+    )
     try:
         yield spool
         spool.flush()
@@ -528,7 +530,9 @@ def copy_file(src_uri: str, dst_uri: str, **storage_options: Any) -> None:
         with _storage_errors(src_uri, f"copy to {dst_uri!r}"):
             src_fs.copy(src_path, dst_path)
         return
-    with open_read(src_uri, **storage_options) as src:
-        with open_write_atomic(dst_uri, **storage_options) as dst:
-            with _storage_errors(src_uri, f"copy to {dst_uri!r}"):
-                shutil.copyfileobj(src, dst, _CHUNK)
+    with (
+        open_read(src_uri, **storage_options) as src,
+        open_write_atomic(dst_uri, **storage_options) as dst,
+        _storage_errors(src_uri, f"copy to {dst_uri!r}"),
+    ):
+        shutil.copyfileobj(src, dst, _CHUNK)

@@ -122,7 +122,8 @@ def s3_store(s3_server, monkeypatch: pytest.MonkeyPatch):
 
     # s3fs/botocore need a region; region_name must stay out of client_kwargs (ASSETS.md).
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    options = s3_server.storage_options()
+    # One cached s3fs instance, as in production: a fresh client per call costs ~0.1 s.
+    options = s3_server.storage_options(skip_instance_cache=False)
     fs, _ = storage.get_fs("s3://dareflow-test", **options)
     if not fs.exists("dareflow-test"):
         fs.mkdir("dareflow-test")

@@ -45,3 +45,9 @@ def pico_family(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def write_recipe(path: Path, data: dict) -> Path:
     path.write_text(json.dumps(data))  # JSON is valid YAML
     return path
+
+
+@pytest.fixture(autouse=True)
+def _own_store(tmp_path, monkeypatch):
+    """Each test gets its own artifact store, so no test reuses another's layers."""
+    monkeypatch.setenv("DAREFLOW_STORE", str(tmp_path / "store"))

@@ -81,8 +81,9 @@ def test_one_and_four_workers_give_identical_bytes(pico_family, tmp_path):
         "seed": 3,
     })
     one, four = tmp_path / "one", tmp_path / "four"
-    run_merge(str(recipe), str(one), max_workers=1)
-    run_merge(str(recipe), str(four), max_workers=4)
+    first = run_merge(str(recipe), str(one), store=str(tmp_path / "s1"), max_workers=1)
+    second = run_merge(str(recipe), str(four), store=str(tmp_path / "s4"), max_workers=4)
+    assert not any(first["cached"].values()) and not any(second["cached"].values())
     assert _shard_bytes(one) == _shard_bytes(four)
     assert len(_shard_bytes(one)) == 4  # embeddings, 2 layers, final
     assert (one / "model.safetensors.index.json").read_bytes() == (
