@@ -14,6 +14,14 @@ from a source that has safetensors. A source with only pickle weights is refused
 caller opts in with ``allow_pickle=True`` (recipe key ``allow_pickle: true``); then the
 weights are loaded with ``torch.load(weights_only=True)`` and written as safetensors.
 
+Store layout (docs/CONTRACT.md)::
+
+    {store}/sources/{safe_id}/{revision}/<files>, _COMPLETE.json   one folder per revision
+    {store}/sources/{safe_id}/refs/{branch}.json                   last sha seen (offline)
+
+A local source with a local store is read in place (no copy) unless ``copy_local=True``.
+The Hub token (``HF_TOKEN``) is sent to the Hub only; it is never logged or written.
+
 No Prefect here: the flow's task wraps :func:`mirror_source`.
 """
 
@@ -29,17 +37,17 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 from urllib.parse import quote, urlsplit
 
-import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from typing_extensions import Self
 
-from tasks.s3config import explain_s3_error, is_s3_uri, redact, storage_options_for
+from tasks import storage
+from tasks.s3config import explain_s3_error, redact, storage_options_for
 
 __all__ = [
     "ALLOW_PATTERNS",
@@ -48,6 +56,7 @@ __all__ = [
     "FileEntry",
     "MirrorResult",
     "ResolvedSource",
+    "Selection",
     "Source",
     "hub_endpoint",
     "hub_token",
@@ -245,7 +254,8 @@ class ResolvedSource:
         kind, id: as in :class:`Source`.
         revision: Hub commit sha (40 hex); ``s3-<hex>`` = hash of the sorted (name, size,
             ETag) of the relevant files; ``local-<hex>`` = hash of their (name, size, mtime_ns).
-        files: every top-level file (sub-folders are never mirrored), sorted by name.
+        files: the source's files, sorted by name (Hub and S3 list sub-folders too, local
+            folders only their top level); only top-level files are ever selected.
         requested_revision: what the spec asked for (Hub only).
     """
 
@@ -318,8 +328,11 @@ def resolve(
     if src.kind == "hub":
         return _resolve_hub(src, hub_token(token), hub_endpoint(endpoint))
     if src.kind == "s3":
-        fs, root = _fs(src.id, storage_options)
+        opts = storage_options_for(src.id) if storage_options is None else storage_options
+        fs, root = storage.get_fs(src.id, **opts)
         try:
+            fs.invalidate_cache(root)
+            # ETags need the detailed listing, which tasks.storage does not expose.
             found = fs.find(root, detail=True, withdirs=False)
         except Exception as exc:  # noqa: BLE001 - botocore's many types, translated
             raise explain_s3_error(exc, src.id) from None
@@ -516,22 +529,25 @@ def mirror_source(
     """Copy a source's allowed files to ``{store_uri}/sources/{safe_id}/{revision}/`` once.
 
     Steps: pin the revision (:func:`resolve`); if that folder has a ``_COMPLETE.json`` whose
-    listed files all exist with the listed sizes, return it (no download). Otherwise stream each
-    selected file into the folder (each object is written atomically: temp file + rename on a
-    local store; an S3 PUT is atomic), verify size and hash against the source, and write the
-    marker (file list, sizes, sha256, pinned revision) last. Readers trust a folder only with
-    its marker, so a killed mirror is redone, never used half-written.
+    listed files all exist with the listed sizes, return it (nothing downloaded). Otherwise
+    stream each selected file into the folder, each written atomically through
+    :func:`tasks.storage.open_write_atomic` (temp file + rename locally, one complete PUT on
+    S3) after its size and hash are checked against the source, and write the marker (file
+    list, sizes, sha256, pinned revision) last. Readers trust a folder only with its marker, so
+    a killed mirror is redone, never used half-written; two concurrent mirrors of one revision
+    write identical bytes and either marker is valid.
 
     A local source with a local store is used in place (nothing copied; ``in_place=True``)
     unless ``copy_local`` is set or pickle weights must be converted. With
     ``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached, a Hub source whose requested
-    revision was mirrored before is served from the store (the revision is read from
-    ``sources/{safe_id}/refs/``).
+    revision was mirrored before is served from the store (the sha is read from
+    ``sources/{safe_id}/refs/{revision}.json``). A spec pinned to a 40-hex commit sha that is
+    already mirrored makes no network request at all.
 
     Args:
         source: a spec (see :func:`parse_source`) or a :class:`Source`.
         store_uri: the store root (local path, ``file://`` or ``s3://``).
-        token: Hub token; default ``HF_TOKEN``. Never logged or written.
+        token: Hub token; default ``HF_TOKEN``. Sent only to the Hub; never logged or written.
         endpoint: Hub endpoint; default ``HF_ENDPOINT`` or https://huggingface.co.
         allow_pickle: convert pickle-only checkpoints (trusted sources only).
         copy_local: mirror local sources even into a local store.
@@ -540,17 +556,21 @@ def mirror_source(
 
     Returns:
         A :class:`MirrorResult`.
+
+    Raises:
+        ValueError: pickle-only source without ``allow_pickle``; bad spec.
+        FileNotFoundError, PermissionError, ConnectionError, OSError: see :func:`resolve` and
+            :mod:`tasks.storage` (messages name the URI or repo).
     """
     src = parse_source(source) if isinstance(source, str) else source
     token = hub_token(token)
     endpoint = hub_endpoint(endpoint)
-    store_fs, _ = _fs(store_uri, store_options)
-    store_local = _is_local(store_fs)
-    base = _join(store_uri, "sources", src.safe_id)
+    store = _Store(store_uri, store_options)
+    base = store.join("sources", src.safe_id)
 
-    # A pinned commit sha already mirrored needs no network at all.
+    # A commit sha already mirrored needs no network at all.
     if src.kind == "hub" and src.revision and _COMMIT.match(src.revision):
-        hit = _check_marker(store_fs, _join(base, src.revision), store_uri)
+        hit = _check_marker(store, storage.join(base, src.revision))
         if hit is not None:
             return hit
     try:
@@ -558,7 +578,7 @@ def mirror_source(
             raise ConnectionError("HF_HUB_OFFLINE=1")
         resolved = resolve(src, token=token, endpoint=endpoint, storage_options=source_options)
     except ConnectionError as exc:
-        hit = _offline_hit(store_fs, base, src, store_uri) if src.kind == "hub" else None
+        hit = _offline_hit(store, base, src) if src.kind == "hub" else None
         if hit is None:
             raise
         logger.warning("%s: Hub not reachable (%s); using the mirror of %s", src.id, exc,
@@ -566,25 +586,19 @@ def mirror_source(
         return hit
     selection = select_files(resolved, allow_pickle=allow_pickle)
 
-    if src.kind == "local" and store_local and not copy_local and not selection.pickles:
+    if src.kind == "local" and store.local and not copy_local and not selection.pickles:
         logger.info("%s: local source used in place (revision %s)", src.id, resolved.revision)
         return MirrorResult(src.id, resolved, in_place=True)
 
-    dest = _join(base, resolved.revision)
-    hit = _check_marker(store_fs, dest, store_uri, resolved)
+    dest = storage.join(base, resolved.revision)
+    hit = _check_marker(store, dest, resolved)
     if hit is not None:
-        _write_ref(store_fs, base, resolved)
+        _write_ref(store, base, resolved)
         return hit
 
     t0 = time.monotonic()
-    reader = _reader_for(resolved, token=token, endpoint=endpoint, options=source_options)
-    try:
-        with reader:
-            records, converted = _copy_all(reader, selection, store_fs, dest, store_uri)
-    except Exception as exc:
-        if is_s3_uri(store_uri) or resolved.kind == "s3":
-            raise explain_s3_error(exc, dest) from None
-        raise
+    with _reader_for(resolved, token=token, endpoint=endpoint, options=source_options) as reader:
+        records, converted = _copy_all(reader, selection, store, dest)
     marker = {
         "format": MARKER_FORMAT,
         "source": {
@@ -598,33 +612,50 @@ def mirror_source(
         "converted_from_pickle": converted,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _put_bytes(store_fs, _join(dest, MARKER), _json_bytes(redact(marker, [token or ""])))
-    _write_ref(store_fs, base, resolved)
+    store.write(storage.join(dest, MARKER), _json_bytes(redact(marker, [token or ""])))
+    _write_ref(store, base, resolved)
     total = sum(r["size"] for r in records)
     logger.info("%s: mirrored %d files (%.1f MB) to %s in %.1f s", resolved.where, len(records),
                 total / 1e6, dest, time.monotonic() - t0)
     return MirrorResult(dest, resolved, tuple(records), cached=False)
 
 
-# -- store helpers ----------------------------------------------------------------------------
+# -- store helpers (all IO through tasks.storage) ------------------------------------------------
 
 
-def _fs(uri: str, options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    opts = storage_options_for(uri) if options is None else dict(options)
-    return fsspec.core.url_to_fs(uri, **opts)
+class _Store:
+    """The store root plus the fsspec options every call needs."""
 
+    def __init__(self, uri: str, options: dict | None):
+        self.uri = uri
+        self.options = storage_options_for(uri) if options is None else dict(options)
+        fs, _ = storage.get_fs(uri, **self.options)
+        self.local = isinstance(fs, LocalFileSystem)
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+    def join(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
 
+    def read(self, uri: str) -> bytes | None:
+        """The bytes at ``uri``, or None if there is no such file."""
+        try:
+            return storage.read_bytes(uri, **self.options)
+        except FileNotFoundError:
+            return None
 
-def _join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    def size(self, uri: str) -> int | None:
+        try:
+            return storage.size(uri, **self.options)
+        except FileNotFoundError:
+            return None
 
+    def write(self, uri: str, data: bytes) -> None:
+        storage.write_bytes_atomic(uri, data, **self.options)
 
-def _path(fs: fsspec.AbstractFileSystem, uri: str) -> str:
-    return fs._strip_protocol(uri)
+    def open_write(self, uri: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return storage.open_write_atomic(uri, **self.options)
+
+    def remove(self, uri: str) -> None:
+        storage.remove(uri, missing_ok=True, **self.options)
 
 
 def _env_flag(name: str) -> bool:
@@ -635,108 +666,62 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _put_bytes(fs: fsspec.AbstractFileSystem, uri: str, data: bytes) -> None:
-    with _atomic_open(fs, uri) as f:
-        f.write(data)
-
-
-@contextlib.contextmanager
-def _atomic_open(fs: fsspec.AbstractFileSystem, uri: str) -> Iterator[IO[bytes]]:
-    """Open ``uri`` for writing so that it appears whole or not at all.
-
-    Local: a temp file in the same folder, renamed over the target on success. Object stores:
-    a PUT / multipart upload is atomic already (s3fs aborts the upload on error).
-    """
-    path = _path(fs, uri)
-    if _is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return
-    f = fs.open(path, "wb")
-    try:
-        yield f
-    except BaseException:
-        # fsspec's close() would commit the partial object: abort the multipart upload and
-        # mark the file closed instead.
-        with contextlib.suppress(Exception):
-            f.discard()
-        f.closed = True
-        raise
-    f.close()
-
-
 def _check_marker(
-    fs: fsspec.AbstractFileSystem,
-    dest: str,
-    store_uri: str,
-    resolved: ResolvedSource | None = None,
+    store: _Store, dest: str, resolved: ResolvedSource | None = None
 ) -> MirrorResult | None:
-    """The mirror at ``dest`` if its marker exists and every listed file has its listed size."""
-    marker_uri = _join(dest, MARKER)
-    try:
-        with fs.open(_path(fs, marker_uri), "rb") as f:
-            marker = json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    except Exception as exc:
-        if is_s3_uri(store_uri):
-            raise explain_s3_error(exc, marker_uri) from None
-        raise
-    if marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("files"), list):
-        logger.warning("%s: unknown marker format; mirroring again", marker_uri)
+    """The mirror at ``dest`` if its marker exists and every listed file has its listed size.
+
+    Sizes, not hashes: re-hashing gigabytes on every run would defeat the cache; the sha256 in
+    the marker is for manifests and for anyone who wants a full check.
+    """
+    marker_uri = storage.join(dest, MARKER)
+    raw = store.read(marker_uri)
+    if raw is None:
         return None
     try:
-        listing = {_name_in(fs, dest, p): int(i["size"])
-                   for p, i in fs.find(_path(fs, dest), detail=True).items()}
-    except FileNotFoundError:
-        listing = {}
-    missing = [r["name"] for r in marker["files"] if listing.get(r["name"]) != int(r["size"])]
-    if missing:
+        marker = json.loads(raw)
+        files = [{"name": str(r["name"]), "size": int(r["size"]), "sha256": str(r["sha256"])}
+                 for r in marker["files"]]
+        src = marker["source"]
+        ok = marker.get("format") == MARKER_FORMAT
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        logger.warning("%s: unreadable or unknown marker; mirroring again", marker_uri)
+        return None
+    bad = [f["name"] for f in files if store.size(storage.join(dest, f["name"])) != f["size"]]
+    if bad:
         logger.warning("%s: %d listed files missing or resized (%s); mirroring again",
-                       dest, len(missing), ", ".join(missing[:5]))
+                       dest, len(bad), ", ".join(bad[:5]))
         return None
-    src = marker["source"]
     if resolved is None:
         resolved = ResolvedSource(src["kind"], src["id"], src["revision"], (),
                                   src.get("requested_revision"), src.get("spec", ""))
-    return MirrorResult(dest, resolved, tuple(marker["files"]), cached=True)
-
-
-def _name_in(fs: fsspec.AbstractFileSystem, dest: str, path: str) -> str:
-    root = _path(fs, dest).rstrip("/")
-    return path[len(root):].lstrip("/")
+    return MirrorResult(dest, resolved, tuple(files), cached=True)
 
 
 def _ref_uri(base: str, requested: str) -> str:
-    return _join(base, "refs", quote(requested, safe="") + ".json")
+    return storage.join(base, "refs", quote(requested, safe="") + ".json")
 
 
-def _write_ref(fs: fsspec.AbstractFileSystem, base: str, resolved: ResolvedSource) -> None:
+def _write_ref(store: _Store, base: str, resolved: ResolvedSource) -> None:
+    """Remember which commit a branch/tag pointed to (for offline runs)."""
     if resolved.kind != "hub" or not resolved.requested_revision:
         return
-    _put_bytes(fs, _ref_uri(base, resolved.requested_revision),
-               _json_bytes({"requested_revision": resolved.requested_revision,
-                            "revision": resolved.revision}))
+    store.write(_ref_uri(base, resolved.requested_revision),
+                _json_bytes({"requested_revision": resolved.requested_revision,
+                             "revision": resolved.revision}))
 
 
-def _offline_hit(fs: fsspec.AbstractFileSystem, base: str, src: Source,
-                 store_uri: str) -> MirrorResult | None:
-    try:
-        with fs.open(_path(fs, _ref_uri(base, src.revision or "main")), "rb") as f:
-            ref = json.loads(f.read())
-    except (FileNotFoundError, ValueError):
+def _offline_hit(store: _Store, base: str, src: Source) -> MirrorResult | None:
+    raw = store.read(_ref_uri(base, src.revision or "main"))
+    if raw is None:
         return None
-    return _check_marker(fs, _join(base, ref["revision"]), store_uri)
+    try:
+        revision = json.loads(raw)["revision"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return _check_marker(store, storage.join(base, revision))
 
 
 # -- readers: one per source kind ----------------------------------------------------------------
@@ -788,11 +773,10 @@ class _LocalReader(_Reader):
 class _S3Reader(_Reader):
     def __init__(self, resolved: ResolvedSource, options: dict | None):
         super().__init__(resolved)
-        self.fs, self.root = _fs(resolved.id, options)
+        self.options = storage_options_for(resolved.id) if options is None else dict(options)
 
     def open(self, name: str) -> IO[bytes]:
-        return self.fs.open(f"{self.root.rstrip('/')}/{name}", "rb", block_size=_CHUNK,
-                            cache_type="readahead")
+        return storage.open_read(storage.join(self.resolved.id, name), **self.options)
 
 
 class _HubReader(_Reader):
@@ -855,23 +839,8 @@ def _reader_for(resolved: ResolvedSource, *, token: str | None, endpoint: str,
 # -- copying ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Hashes:
-    sha256: Any = field(default_factory=hashlib.sha256)
-    git: Any = None  # git blob sha1 (non-LFS Hub files)
-
-    def update(self, chunk: bytes) -> None:
-        self.sha256.update(chunk)
-        if self.git is not None:
-            self.git.update(chunk)
-
-
 def _copy_all(
-    reader: _Reader,
-    selection: Selection,
-    fs: fsspec.AbstractFileSystem,
-    dest: str,
-    store_uri: str,
+    reader: _Reader, selection: Selection, store: _Store, dest: str
 ) -> tuple[list[dict], dict[str, dict]]:
     files = list(selection.files)
     # Small files first: the index tells which shards are really used (e.g. a repo that also
@@ -885,13 +854,12 @@ def _copy_all(
             logger.info("%s: skipping %s (not in %s)", reader.resolved.where, entry.name,
                         SAFETENSORS_INDEX)
             continue
-        data_sha = _copy_one(reader, entry, fs, _join(dest, entry.name))
+        data_sha = _copy_one(reader, entry, store, storage.join(dest, entry.name))
         records.append({"name": entry.name, "size": entry.size, "sha256": data_sha})
         if entry.name == SAFETENSORS_INDEX:
-            index_shards = _index_shards(fs, _join(dest, entry.name))
+            index_shards = _index_shards(store, storage.join(dest, entry.name))
     if index_shards is not None:
-        present = {r["name"] for r in records}
-        lost = sorted(index_shards - present)
+        lost = sorted(index_shards - {r["name"] for r in records})
         if lost:
             raise FileNotFoundError(
                 f"{reader.resolved.where}: {SAFETENSORS_INDEX} names shards that are not in the "
@@ -899,46 +867,46 @@ def _copy_all(
             )
     converted: dict[str, dict] = {}
     if selection.pickles:
-        records, converted = _convert_pickles(reader, selection, fs, dest, records)
+        records, converted = _convert_pickles(reader, selection, store, dest, records)
     return sorted(records, key=lambda r: r["name"]), converted
 
 
-def _index_shards(fs: fsspec.AbstractFileSystem, uri: str) -> set[str]:
-    with fs.open(_path(fs, uri), "rb") as f:
-        index = json.loads(f.read())
+def _index_shards(store: _Store, uri: str) -> set[str]:
+    index = json.loads(store.read(uri) or b"{}")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{uri}: index has no weight_map; the checkpoint index is malformed")
     return set(weight_map.values())
 
 
-def _copy_one(reader: _Reader, entry: FileEntry, fs: fsspec.AbstractFileSystem, uri: str) -> str:
+def _copy_one(reader: _Reader, entry: FileEntry, store: _Store, uri: str) -> str:
     """Stream one file into the store; verify size (and hash where the source gives one)."""
-    kind = reader.resolved.kind
-    hashes = _Hashes()
-    if kind == "hub" and not re.fullmatch(r"[0-9a-f]{64}", entry.etag):
-        hashes.git = hashlib.sha1(f"blob {entry.size}\0".encode())
+    sha256 = hashlib.sha256()
+    # Non-LFS Hub files are identified by their git blob sha1; LFS ones by their sha256.
+    git = None
+    if reader.resolved.kind == "hub" and not re.fullmatch(r"[0-9a-f]{64}", entry.etag):
+        git = hashlib.sha1(f"blob {entry.size}\0".encode())
     size = 0
-    with reader.open(entry.name) as src, _atomic_open(fs, uri) as out:
+    with reader.open(entry.name) as src, store.open_write(uri) as out:
         while chunk := src.read(_CHUNK):
-            hashes.update(chunk)
+            sha256.update(chunk)
+            if git is not None:
+                git.update(chunk)
             out.write(chunk)
             size += len(chunk)
-        _verify(reader.resolved, entry, size, hashes)
+        # Raised inside the atomic writer: nothing is published.
+        _verify(reader.resolved, entry, size, (git or sha256).hexdigest())
     reader.release(entry.name)
-    return hashes.sha256.hexdigest()
+    return sha256.hexdigest()
 
 
-def _verify(resolved: ResolvedSource, entry: FileEntry, size: int, hashes: _Hashes) -> None:
+def _verify(resolved: ResolvedSource, entry: FileEntry, size: int, digest: str) -> None:
     problem = None
     if size != entry.size:
         problem = f"size {size} != listed {entry.size}"
-    elif resolved.kind == "hub":
-        got = hashes.git.hexdigest() if hashes.git is not None else hashes.sha256.hexdigest()
-        if entry.etag and got != entry.etag:
-            problem = f"hash {got} != Hub's {entry.etag}"
+    elif resolved.kind == "hub" and entry.etag and digest != entry.etag:
+        problem = f"hash {digest} != the Hub's {entry.etag}"
     if problem:
-        # Raised inside the atomic writer: the partial object is discarded.
         raise OSError(f"{resolved.where}: {entry.name} changed or was corrupted in transit "
                       f"({problem}); run again")
 
@@ -951,11 +919,7 @@ def _pickle_target(name: str) -> str:
 
 
 def _convert_pickles(
-    reader: _Reader,
-    selection: Selection,
-    fs: fsspec.AbstractFileSystem,
-    dest: str,
-    records: list[dict],
+    reader: _Reader, selection: Selection, store: _Store, dest: str, records: list[dict]
 ) -> tuple[list[dict], dict[str, dict]]:
     """Opt-in path: pickle weights → safetensors with ``torch.load(weights_only=True)``."""
     import torch
@@ -968,8 +932,7 @@ def _convert_pickles(
         source_sha = _sha256_file(path)
         # weights_only=True: only tensors and plain containers are unpickled, never code.
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
-                                                                           dict):
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -980,13 +943,13 @@ def _convert_pickles(
             )
         # Tied weights share storage, which safetensors refuses: store independent copies.
         tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-        out_local = os.path.join(reader.tmpdir(), "converted", rename[entry.name])
+        target = rename[entry.name]
+        out_local = os.path.join(reader.tmpdir(), "converted", target)
         os.makedirs(os.path.dirname(out_local), exist_ok=True)
         save_file(tensors, out_local, metadata={"format": "pt"})
         del state, tensors
-        target = rename[entry.name]
-        with open(out_local, "rb") as src, _atomic_open(fs, _join(dest, target)) as out:
-            h = hashlib.sha256()
+        h = hashlib.sha256()
+        with open(out_local, "rb") as src, store.open_write(storage.join(dest, target)) as out:
             while chunk := src.read(_CHUNK):
                 h.update(chunk)
                 out.write(chunk)
@@ -998,12 +961,11 @@ def _convert_pickles(
     # pytorch_model.bin.index.json → model.safetensors.index.json with renamed shards.
     index = next((r for r in records if r["name"] == PICKLE_INDEX), None)
     if index is not None:
-        with fs.open(_path(fs, _join(dest, PICKLE_INDEX)), "rb") as f:
-            data = json.loads(f.read())
+        data = json.loads(store.read(storage.join(dest, PICKLE_INDEX)) or b"{}")
         data["weight_map"] = {k: rename.get(v, v) for k, v in data.get("weight_map", {}).items()}
         blob = _json_bytes(data)
-        _put_bytes(fs, _join(dest, SAFETENSORS_INDEX), blob)
-        fs.rm(_path(fs, _join(dest, PICKLE_INDEX)))
+        store.write(storage.join(dest, SAFETENSORS_INDEX), blob)
+        store.remove(storage.join(dest, PICKLE_INDEX))
         records = [r for r in records if r["name"] != PICKLE_INDEX]
         records.append({"name": SAFETENSORS_INDEX, "size": len(blob),
                         "sha256": hashlib.sha256(blob).hexdigest()})
@@ -1017,4 +979,3 @@ def _sha256_file(path: str) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-

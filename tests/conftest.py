@@ -235,8 +235,9 @@ def nanio_bucket(nanio_server, monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Isolates huggingface_hub: HF_HOME in a temp dir, no token, endpoint or offline flag
-    inherited from the machine. Returns HF_HOME."""
+    """Isolates huggingface_hub from the machine: no HF_TOKEN, HF_ENDPOINT or HF_HUB_OFFLINE
+    inherited, HF_HOME in a temp dir (only honoured where huggingface_hub reads it at call time;
+    its constants are read at import). Returns HF_HOME."""
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE",
                 "HF_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)

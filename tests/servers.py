@@ -41,6 +41,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from typing_extensions import Self
 
 __all__ = [
+    "REGION",
     "FakeHub",
     "HubRequest",
     "S3Server",
@@ -50,6 +51,7 @@ __all__ = [
     "moto_s3_server",
     "nanio_s3_server",
     "process_group_alive",
+    "running",
 ]
 
 REGION = "us-east-1"
@@ -67,14 +69,31 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def process_group_alive(pgid: int) -> bool:
-    """Whether any process (zombies included) is still in process group ``pgid``."""
+    """Whether a live (not zombie) process is still in process group ``pgid``.
+
+    Zombies are ignored: an orphan killed after its leader died is reaped by init, which may
+    take a moment (or never happen under a minimal container init); it holds no resources.
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not os.path.isdir("/proc"):
+        return True
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, group = fields[0], int(fields[3])
+        if group == pgid and state not in ("Z", "X"):
+            return True
+    return False
 
 
 def _bin(name: str) -> str:
@@ -142,9 +161,9 @@ class S3Server:
             "secret": self.secret_key,
             "endpoint_url": self.endpoint_url,
             "config_kwargs": {"s3": {"addressing_style": "path"}},
-            # Tests rely on seeing each other's writes at once.
+            # Tests rely on seeing each other's writes at once. (The instance itself is cached
+            # by fsspec: a new botocore client costs ~0.5 s of CPU.)
             "use_listings_cache": False,
-            "skip_instance_cache": True,
         }
         opts.update(overrides)
         return opts
@@ -310,14 +329,18 @@ def nanio_s3_server(
 _LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.model", "*.gguf", "*.h5")
 
 
-@dataclass(frozen=True)
+@dataclass
 class HubRequest:
-    """One request the fake Hub received (headers lower-cased)."""
+    """One request the fake Hub received (headers lower-cased).
+
+    Recorded before the response is sent, so a client that got its answer always finds its
+    request here (``status`` is 0 until the response is written).
+    """
 
     method: str
     path: str
     headers: Mapping[str, str]
-    status: int
+    status: int = 0
 
     @property
     def authorization(self) -> str | None:
@@ -354,6 +377,7 @@ class FakeHub:
         self._hash_cache: dict[tuple[str, int, int], tuple[str, str]] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
 
     @property
     def endpoint(self) -> str:
@@ -371,16 +395,25 @@ class FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fake-hf-hub", daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+            name="fake-hf-hub", daemon=True,
         )
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop listening and cut open keep-alive connections (clients then see the Hub gone)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -461,6 +494,17 @@ class _HubHandler(BaseHTTPRequestHandler):
     fake: FakeHub
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        with self.fake._lock:
+            self.fake._conns.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake._lock:
+            self.fake._conns.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
     def log_message(self, format: str, *args: object) -> None:
         pass  # keep test output clean; requests are recorded in FakeHub.requests
 
@@ -473,20 +517,24 @@ class _HubHandler(BaseHTTPRequestHandler):
     # -- plumbing ----------------------------------------------------------------------------------
 
     def _dispatch(self, head: bool) -> None:
-        status = 500
+        record = HubRequest(
+            method=self.command,
+            path=self.path,
+            headers={k.lower(): v for k, v in self.headers.items()},
+        )
+        self.fake._record(record)
+        self._current = record
         try:
-            status = self._route(head)
+            self._route(head)
         except Exception as exc:  # noqa: BLE001 - a bug in the fake must reach the client
-            status = self._send_json(500, {"error": f"fake hub error: {exc!r}"}, head)
-        finally:
-            self.fake._record(
-                HubRequest(
-                    method=self.command,
-                    path=self.path,
-                    headers={k.lower(): v for k, v in self.headers.items()},
-                    status=status,
-                )
-            )
+            self._send_json(500, {"error": f"fake hub error: {exc!r}"}, head)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Set before the status line leaves, so the client never sees an unset status.
+        current = getattr(self, "_current", None)
+        if current is not None:
+            current.status = code
+        super().send_response(code, message)
 
     def _send_json(self, status: int, payload: object, head: bool = False,
                    headers: Mapping[str, str] | None = None) -> int:
