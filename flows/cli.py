@@ -17,7 +17,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from tasks.config import load_recipe
+    from tasks.config import fine_tunes, load_recipe
 
     failed = 0
     for path in args.configs:
@@ -27,7 +27,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             failed += 1
             print(f"FAIL {e}", file=sys.stderr)
         else:
-            print(f"ok   {path}: {recipe.merge_method}, {len(recipe.models)} model(s)")
+            print(f"ok   {path}: {recipe.merge_method}, "
+                  f"{len(fine_tunes(recipe))} fine-tuned model(s)")
     return 1 if failed else 0
 
 

@@ -246,7 +246,8 @@ def _format_pydantic(error: ValidationError) -> list[str]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         given = e.get("input")
-        if e["type"] not in ("missing",) and not isinstance(given, (dict, list)):
+        if (e["type"] not in ("missing",) and not isinstance(given, (dict, list))
+                and f"'{given}'" not in msg):
             msg = f"{msg} (got {given!r})"
         out.append(f"{loc}: {msg}")
     return out
