@@ -218,6 +218,31 @@ def fine_tunes(recipe: Recipe) -> list[ModelEntry]:
     return _fine_tunes(recipe)
 
 
+def mask_id(model: str) -> str:
+    """The model id that seeds a model's DARE masks: its name without the location.
+
+    A Hub id keeps ``org/name`` (no revision); a local folder or an ``s3://`` prefix
+    keeps its last path component. So the same recipe gives the same bytes whether a
+    model is read from the Hub, a mirror, or a folder on another machine.
+    """
+    text = model.rstrip("/")
+    if text.startswith("hf://"):
+        text = text[len("hf://"):]
+    local_or_s3 = "://" in text or text.startswith(("/", ".", "~")) or text.count("/") != 1
+    if local_or_s3:
+        return text.rsplit("/", 1)[-1]
+    return text.split("@", 1)[0]
+
+
+def mask_ids(recipe: Recipe) -> dict[str, str]:
+    """``mask_id`` of every fine-tuned model; full strings if two short ids collide."""
+    models = [m.model for m in fine_tunes(recipe)]
+    short = {m: mask_id(m) for m in models}
+    if len(set(short.values())) < len(short):
+        return {m: m for m in models}
+    return short
+
+
 def drop_rate_of(recipe: Recipe, entry: ModelEntry) -> float:
     """Effective sparsification rate p of one model (0 when the method does not sparsify,
     1 - density for TIES trimming)."""

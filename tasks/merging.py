@@ -23,7 +23,14 @@ import torch
 
 from tasks import assemble, storage
 from tasks.checkpoints import Checkpoint, check_family
-from tasks.config import Recipe, drop_rate_of, fine_tunes, recipe_to_dict, weight_of
+from tasks.config import (
+    Recipe,
+    drop_rate_of,
+    fine_tunes,
+    mask_ids,
+    recipe_to_dict,
+    weight_of,
+)
 from tasks.merge_math import MERGELM_TIES_TRIM, METHODS, MergeSpec, ModelParams, merge_tensor
 from tasks.plan import plan_units
 
@@ -87,6 +94,7 @@ def build_spec(recipe: Recipe, out_dtype: str) -> MergeSpec:
     params = recipe.parameters
     disjoint = params.disjoint_merge
     normalize = params.normalize
+    ids = mask_ids(recipe)
     if METHODS[recipe.merge_method].consensus == "ties":
         if disjoint is None and normalize is not None:
             # mergekit's `normalize` on TIES is our disjoint_merge weight | sum
@@ -96,7 +104,7 @@ def build_spec(recipe: Recipe, out_dtype: str) -> MergeSpec:
         method=recipe.merge_method,
         models=tuple(
             ModelParams(
-                model_id=m.model,
+                model_id=ids[m.model],
                 weight=weight_of(recipe, m),
                 drop_rate=drop_rate_of(recipe, m),
             )
@@ -148,11 +156,11 @@ def resolved_recipe(recipe: Recipe, out_dtype: str) -> dict[str, Any]:
     if row.id == "dare_ties":
         params["trim_after_dare"] = spec.trim_after_dare
     models = []
-    for m in spec.models:
+    for entry, m in zip(fine_tunes(recipe), spec.models):
         model_params: dict[str, Any] = {"weight": m.weight}
         if row.sparsification != "none":
             model_params["drop_rate"] = m.drop_rate
-        models.append({"model": m.model_id, "parameters": model_params})
+        models.append({"model": entry.model, "parameters": model_params})
     data.update(models=models, parameters=params, dtype=out_dtype, seed=spec.seed)
     return data
 
@@ -258,9 +266,10 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
         return {**record, "cached": True}
     from tasks.config import parse_recipe
 
-    spec = build_spec(parse_recipe(plan.recipe, "<plan>"), plan.out_dtype)
+    recipe = parse_recipe(plan.recipe, "<plan>")
+    spec = build_spec(recipe, plan.out_dtype)
     base = Checkpoint.open(plan.base_uri) if plan.base_uri else None
-    models = [Checkpoint.open(plan.model_uris[m.model_id]) for m in spec.models]
+    models = [Checkpoint.open(plan.model_uris[m.model]) for m in fine_tunes(recipe)]
     merged: dict[str, torch.Tensor] = {}
     for name in job.tensors:
         base_t = base.read(name) if base is not None else None

@@ -63,7 +63,7 @@ def test_dare_linear_uses_the_keyed_masks(pico_family, tmp_path):
     a = load_file(pico_family["a"] / "model.safetensors")
     merged = _merged_tensors(out)
     name = "model.layers.1.mlp.up_proj.weight"
-    mask = keep_mask(base[name].shape, 0.5, derive_key(11, str(pico_family["a"]), name))
+    mask = keep_mask(base[name].shape, 0.5, derive_key(11, "ft-a", name))
     expected = base[name] + torch.where(mask, (a[name] - base[name]) * 2.0, 0.0)
     assert torch.equal(merged[name], expected)
     kept = (merged[name] != base[name]).float().mean().item()

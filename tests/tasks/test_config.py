@@ -139,3 +139,28 @@ def test_load_recipe_reads_yaml(tmp_path):
 def test_mergekit_boolean_rescale(given, expected):
     recipe = parse_recipe(_recipe(parameters={"rescale": given}))
     assert recipe.parameters.rescale == expected
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1"),
+    ("org/name@abc123", "org/name"),
+    ("hf://org/name", "org/name"),
+    ("/data/models/ft-a/", "ft-a"),
+    ("./ft-a", "ft-a"),
+    ("family/arithmetic/v2", "v2"),
+    ("s3://bucket/prefix/ft-b", "ft-b"),
+])
+def test_mask_id_drops_the_location(model, expected):
+    from tasks.config import mask_id
+
+    assert mask_id(model) == expected
+
+
+def test_colliding_mask_ids_fall_back_to_full_strings():
+    from tasks.config import mask_ids
+
+    recipe = parse_recipe(_recipe(models=[
+        {"model": "/x/model", "parameters": {"drop_rate": 0.1}},
+        {"model": "/y/model", "parameters": {"drop_rate": 0.1}},
+    ]))
+    assert mask_ids(recipe) == {"/x/model": "/x/model", "/y/model": "/y/model"}
