@@ -11,17 +11,24 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from flows.merge import run_merge
 
     manifest = run_merge(args.config, args.out, store=args.store,
-                         max_workers=args.max_workers, overwrite=args.overwrite)
+                         max_workers=args.max_workers, overwrite=args.overwrite,
+                         dask_address=args.dask_address, dask_workers=args.dask_workers)
     print(f"merged {len(manifest['shards'])} shard(s) into {manifest['out']}")
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from tasks.config import fine_tunes, load_recipe
+    from tasks.evaluating import looks_like_suite
+    from tasks.evaluation.suite import load_suite
 
     failed = 0
     for path in args.configs:
         try:
+            if looks_like_suite(path):
+                suite = load_suite(path)
+                print(f"ok   {path}: suite {suite.name}, {len(suite.tasks)} task(s)")
+                continue
             recipe = load_recipe(path)
         except (ValueError, FileNotFoundError) as e:
             failed += 1
@@ -30,6 +37,43 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             print(f"ok   {path}: {recipe.merge_method}, "
                   f"{len(fine_tunes(recipe))} fine-tuned model(s)")
     return 1 if failed else 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from flows.evaluate import run_evaluate
+    from tasks.evaluating import parse_model_specs
+
+    out = run_evaluate(parse_model_specs(args.models), args.suite, limit=args.limit,
+                       backend=args.backend, store=args.store, mirror=args.offline_mirror,
+                       merged=args.merged, results=args.results, max_workers=args.max_workers)
+    return _print_evaluation(out)
+
+
+def _print_evaluation(out: dict) -> int:
+    print(out["markdown"], end="")
+    for f in out["failures"]:
+        print(f"FAILED {f['model']}/{f['task']}: {f['error'][:500]}", file=sys.stderr)
+    print(f"results: {out['results_uri']}")
+    return 1 if out["failures"] else 0
+
+
+def _cmd_merge_eval(args: argparse.Namespace) -> int:
+    from flows.merge_and_evaluate import run_merge_and_evaluate
+
+    out = run_merge_and_evaluate(args.config, args.out, suite=args.suite, limit=args.limit,
+                                 store=args.store, backend=args.backend,
+                                 mirror=args.offline_mirror, overwrite=args.overwrite)
+    return _print_evaluation(out["evaluation"])
+
+
+def _cmd_mirror_prepare(args: argparse.Namespace) -> int:
+    from flows.merge import default_store
+    from tasks.evaluating import ensure_mirror
+
+    info = ensure_mirror(args.store or default_store(), args.tasks)
+    state = "prepared" if info["prepared"] else "already there (verified)"
+    print(f"offline mirror {state}: {info['mirror_uri']} (local copy {info['mirror_dir']})")
+    return 0
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -52,6 +96,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from tasks import delta_stats
+
+    stats = delta_stats.delta_stats(args.base, args.finetuned, overall_sample=args.sample)
+    print(delta_stats.format_table(stats, max_rows=None if args.all else 40))
+    if args.plot:
+        print(f"plot: {delta_stats.plot_delta_stats(stats, args.plot)}")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from flows.sweep import run_experiment
+
+    result = run_experiment(args.command, args.config, store=args.store)
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", 200, "display.width", 200):
+        print(pd.DataFrame(result["rows"]).round(4).to_string(index=False))
+    if "selected" in result:
+        print(f"selected on validation: {result['selected']}")
+    for name, uri in result["paths"].items():
+        print(f"{name}: {uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dareflow",
@@ -67,13 +136,57 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $DAREFLOW_STORE or ~/.cache/dareflow)")
     p.add_argument("--max-workers", type=int, default=None,
                    help="parallel layer tasks (default: min(4, cores))")
+    dask = p.add_mutually_exclusive_group()
+    dask.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT",
+                      help="run layer tasks on this Dask cluster's workers (they read and "
+                           "write the shared --store; needs the 'dask' extra)")
+    dask.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                      help="run layer tasks on a temporary local Dask cluster of N processes")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output once the new merge is complete")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("validate", help="check recipe files; reports every problem")
+    p = sub.add_parser("validate", help="check recipe and suite files; reports every problem")
     p.add_argument("configs", nargs="+")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("eval", help="evaluate models with lm-eval on a suite; compare them")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="LABEL=PATH or PATH (a local HF folder; the label names the row)")
+    p.add_argument("--suite", required=True, help="suite name (configs/suites/) or file")
+    p.add_argument("--limit", type=int, default=None, help="documents per benchmark")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers (CPU); vllm: GPU")
+    p.add_argument("--store", default=None, help="artifact store (default: $DAREFLOW_STORE "
+                   "or ~/.cache/dareflow): mirror, cached runs, results")
+    p.add_argument("--offline-mirror", action="store_true",
+                   help="read the offline v1 data mirror in the store (prepared if missing)")
+    p.add_argument("--merged", default=None, help="label of the first row (default: first)")
+    p.add_argument("--results", default=None, help="results folder or URI "
+                   "(default: {store}/results/<suite>-<time>-<run>)")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="benchmarks evaluated at once (default: half the cores)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("merge-eval", help="merge a recipe, then evaluate it next to its "
+                       "base and sources")
+    p.add_argument("config", help="recipe YAML")
+    p.add_argument("--out", default=None, help="local output folder (default: output:)")
+    p.add_argument("--suite", required=True, help="suite name or file")
+    p.add_argument("--limit", type=int, default=None, help="documents per benchmark")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--store", default=None, help="artifact store")
+    p.add_argument("--offline-mirror", action="store_true", help="use the offline v1 mirror")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_merge_eval)
+
+    p = sub.add_parser("mirror", help="the offline evaluation data mirror")
+    mirror_sub = p.add_subparsers(dest="mirror_command", required=True)
+    q = mirror_sub.add_parser("prepare", help="write the offline v1 mirror into the store")
+    q.add_argument("--store", default=None, help="artifact store (default: $DAREFLOW_STORE "
+                   "or ~/.cache/dareflow); the mirror goes to {store}/eval-mirror/")
+    q.add_argument("--tasks", nargs="+", default=None, help="subset of the six v1 tasks")
+    q.set_defaults(func=_cmd_mirror_prepare)
 
     p = sub.add_parser("ls", help="list merge methods")
     p.add_argument("-v", "--verbose", action="store_true", help="papers and peer notes")
@@ -84,6 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-rate", type=float, default=None, help="DARE p (default: the recipe's)")
     p.add_argument("--max-workers", type=int, default=None)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("inspect", help="delta statistics of a fine-tune against its base")
+    p.add_argument("base", help="base model folder or URI")
+    p.add_argument("finetuned", help="fine-tuned model folder or URI")
+    p.add_argument("--plot", default=None, help="save a PNG plot here (path or URI)")
+    p.add_argument("--sample", type=int, default=1_000_000,
+                   help="pooled sample size for the overall percentiles (exact below it)")
+    p.add_argument("--all", action="store_true", help="print every tensor (default: 40 worst)")
+    p.set_defaults(func=_cmd_inspect)
+
+    for name, what in (("sweep", "drop-rate sweep: DARE vs DropOnly vs magnitude pruning"),
+                       ("grid", "merge hyperparameter grid: select on validation, report test"),
+                       ("similarity", "hidden-state similarity of DARE / DropOnly versions")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("config", help=f"{name} YAML (see configs/sweeps/)")
+        p.add_argument("--store", default=None,
+                       help="artifact store (default: $DAREFLOW_STORE or ~/.cache/dareflow)")
+        p.set_defaults(func=_cmd_experiment)
     return parser
 
 

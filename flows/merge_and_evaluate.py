@@ -1,0 +1,64 @@
+"""Merge, then evaluate the merged model next to its base and sources: wiring only.
+
+merge flow (subflow) → evaluate flow (subflow) over {merged, base, each fine-tune} → the
+comparison table as a Prefect artifact and in the store. Parameters are JSON-able, so a
+deployment can schedule it as it is.
+"""
+
+from typing import Any, Literal
+
+from prefect import flow
+
+from flows.evaluate import evaluate_flow
+from flows.merge import merge_flow
+from tasks import evaluating
+from tasks.config import load_recipe, recipe_to_dict
+
+
+@flow(name="dare-merge-and-evaluate")
+def merge_and_evaluate_flow(recipe: str, out: str, suite: str = "openllm_v1",
+                            limit: int | None = None, store: str | None = None,
+                            backend: Literal["hf", "vllm"] = "hf", mirror: bool = False,
+                            overwrite: bool = False,
+                            results: str | None = None) -> dict[str, Any]:
+    """Merge ``recipe`` into ``out``, then compare the merged model with its sources.
+
+    Args:
+        recipe: path of the recipe YAML.
+        out: local output folder of the merged model.
+        suite: suite name or file (see flows.evaluate.evaluate_flow).
+        limit: documents per benchmark; None for all.
+        store: artifact store for layer units, cached runs and results.
+        backend: ``hf`` or ``vllm``.
+        mirror: evaluate on the offline v1 mirror.
+        overwrite: replace an existing ``out``.
+        results: where the results go (default under the store).
+
+    Returns:
+        ``{"merge": {"out", "shards"}, "evaluation": <evaluate_flow's result>}``.
+    """
+    parsed = load_recipe(recipe)
+    evaluating.check_local_output(out)
+    evaluating.check_options(suite, limit=limit, backend=backend, mirror=mirror)
+    manifest = merge_flow(recipe=recipe_to_dict(parsed), out=out, store=store,
+                          overwrite=overwrite)
+    models = evaluating.merge_eval_models(manifest, out)
+    evaluation = evaluate_flow(models=models, suite=suite, limit=limit, backend=backend,
+                               store=store, mirror=mirror, merged="merged", results=results)
+    return {"merge": {"out": manifest["out"], "shards": sorted(manifest["shards"])},
+            "evaluation": evaluation}
+
+
+def run_merge_and_evaluate(recipe_path: str, out: str | None = None, *,
+                           suite: str = "openllm_v1", limit: int | None = None,
+                           store: str | None = None, backend: str = "hf", mirror: bool = False,
+                           overwrite: bool = False,
+                           results: str | None = None) -> dict[str, Any]:
+    """Run the merge-and-evaluate flow (what `dareflow merge-eval` calls)."""
+    out = out or load_recipe(recipe_path).output
+    if not out:
+        raise ValueError(
+            f"no output for '{recipe_path}': pass --out DIR or set output: in the recipe")
+    return merge_and_evaluate_flow(recipe=recipe_path, out=out, suite=suite, limit=limit,
+                                   store=store, backend=backend, mirror=mirror,
+                                   overwrite=overwrite, results=results)
