@@ -1,9 +1,11 @@
 """The merge flow: wiring only (see tasks.merge_tasks for the tasks).
 
-resolve sources → plan (headers, family check, layer units) → one mapped task per
-unit (DARE + fusion, writes one shard) → assemble and publish the HF folder.
+mirror sources into the store (one mapped task per model, pinned revisions) → plan
+(headers, family check, layer units) → one mapped task per unit (DARE + fusion, writes
+one shard) → assemble and publish the HF folder.
 """
 
+import contextlib
 import os
 from typing import Any
 
@@ -12,7 +14,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import merging
 from tasks.config import load_recipe, parse_recipe, recipe_to_dict
-from tasks.merge_tasks import assemble_model, merge_unit, plan_merge, resolve_sources
+from tasks.merge_tasks import (
+    assemble_model,
+    merge_unit,
+    mirror_source,
+    plan_merge,
+    resolve_sources,
+)
+from tasks.sources import source_specs
+from tasks.sweep_tasks import check_deltas
 
 #: Default parallel unit tasks: bounded so peak memory stays ~max_workers units.
 DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -39,14 +49,17 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     merging.check_output(out, overwrite=overwrite)
     staging = merging.staging_uri(out)
     merging.clear_staging(staging)
-    sources = resolve_sources(recipe_to_dict(parsed))
+    mirrored = mirror_source.map(source_specs(parsed), unmapped(store)).result()
+    sources = resolve_sources(recipe_to_dict(parsed), mirrored)
+    check_deltas(recipe_to_dict(parsed), sources)  # DARE gate: refuses large deltas
     plan = plan_merge(recipe_to_dict(parsed), sources, staging, store)
     unit_task = merge_unit.with_options(result_storage=result_storage(store))
     results = unit_task.map(unmapped(plan), plan["units"]).result()
     manifest = assemble_model(plan, results, out)
     cached = sum(r["cached"] for r in results)
     print(f"merged {len(results) - cached} unit(s), reused {cached} committed unit(s)")
-    return {**manifest, "out": out, "cached": {r["unit"]: r["cached"] for r in results}}
+    return {**manifest, "out": out, "cached": {r["unit"]: r["cached"] for r in results},
+            "ran_on": {r["unit"]: r.get("ran_on") for r in results}}
 
 
 def default_store() -> str:
@@ -78,16 +91,80 @@ def result_storage(store: str):
     return block
 
 
+def task_runner_for(max_workers: int | None = None, dask_address: str | None = None,
+                    dask_workers: int | None = None):
+    """The task runner of the unit tasks: a bounded thread pool in this process, or Dask.
+
+    Args:
+        max_workers: Threads in this process (default ``DEFAULT_MAX_WORKERS``).
+        dask_address: Scheduler of a running Dask cluster (``tcp://host:8786``): unit tasks
+            run on its workers, which read inputs and write shards in the shared store
+            (a store every worker can reach: s3://, or a shared filesystem).
+        dask_workers: Start a temporary local Dask cluster of this many worker processes
+            (one thread each) for the run.
+
+    Raises:
+        ValueError: more than one of the three is given, or a count is < 1.
+        ImportError: Dask is asked for and prefect-dask is not installed.
+    """
+    given = [f for f, v in (("max_workers", max_workers), ("dask_address", dask_address),
+                            ("dask_workers", dask_workers)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(
+            f"{' and '.join(given)} were both given; pass one: max_workers (threads here), "
+            "dask_address (an existing Dask cluster) or dask_workers (a local Dask cluster)"
+        )
+    for flag, n in (("max_workers", max_workers), ("dask_workers", dask_workers)):
+        if n is not None and n < 1:
+            raise ValueError(f"{flag} must be >= 1, got {n}")
+    if dask_address is None and dask_workers is None:
+        return ThreadPoolTaskRunner(max_workers=max_workers or DEFAULT_MAX_WORKERS)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as e:
+        raise ImportError(
+            "running unit tasks on Dask needs prefect-dask: pip install 'dareflow[dask]'"
+        ) from e
+    if dask_address is not None:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "processes": True,
+                                          "threads_per_worker": 1})
+
+
 def run_merge(recipe_path: str, out: str | None = None, *, store: str | None = None,
-              max_workers: int | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Validate a recipe file and run the merge flow (what `dareflow merge` calls)."""
+              max_workers: int | None = None, overwrite: bool = False,
+              dask_address: str | None = None,
+              dask_workers: int | None = None) -> dict[str, Any]:
+    """Validate a recipe file and run the merge flow (what `dareflow merge` calls); unit
+    tasks run on threads here or on Dask (see :func:`task_runner_for`)."""
+    runner = task_runner_for(max_workers, dask_address, dask_workers)
     recipe = load_recipe(recipe_path)
     out = out or recipe.output
     if not out:
         raise ValueError(
             f"no output for '{recipe_path}': pass --out DIR or set output: in the recipe"
         )
-    runner = ThreadPoolTaskRunner(max_workers=max_workers or DEFAULT_MAX_WORKERS)
-    return merge_flow.with_options(task_runner=runner)(
-        recipe=recipe_to_dict(recipe), out=out, store=store, overwrite=overwrite
-    )
+    dask = dask_address is not None or dask_workers is not None
+    with shared_prefect_api() if dask else contextlib.nullcontext():
+        return merge_flow.with_options(task_runner=runner)(
+            recipe=recipe_to_dict(recipe), out=out, store=store, overwrite=overwrite
+        )
+
+
+def shared_prefect_api():
+    """Settings under which Dask worker processes report to this process's Prefect API.
+
+    With ``PREFECT_API_URL`` set (a real server, required for workers on other machines)
+    nothing changes. Without it Prefect runs an ephemeral server per process, and each Dask
+    worker would start its own: start this process's now and put its URL in the settings,
+    which prefect-dask ships to the workers with every task.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return contextlib.nullcontext()
+    from prefect.server.api.server import SubprocessASGIServer  # what get_client() starts
+
+    server = SubprocessASGIServer()
+    server.start()
+    return temporary_settings({PREFECT_API_URL: server.api_url})

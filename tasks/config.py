@@ -21,6 +21,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 Rescale = Literal["inverse", "l1", "none"]
 SignElection = Literal["sum", "weighted_sum", "count"]
 DisjointMerge = Literal["mean", "weight", "sum"]
+# What to do when a fine-tune's vocabulary (embedding/lm_head rows) differs from the
+# base's: refuse (default); exclude_embeddings keeps the base's embedding and head rows
+# (those tensors are not merged); pad_to_union (the DARE authors' mean-initialised rows)
+# is reserved and not supported yet.
+VocabMismatch = Literal["refuse", "exclude_embeddings", "pad_to_union"]
 
 
 class RecipeError(ValueError):
@@ -52,6 +57,10 @@ class ModelEntry(_Strict):
 
     model: str = Field(min_length=1)
     parameters: ModelParameters = ModelParameters()
+    # Opt in to converting a pickle-only checkpoint (.bin/.pt) to safetensors when it is
+    # mirrored (loaded with torch.load(weights_only=True)); trusted sources only. For the
+    # base model, list it under models: with allow_pickle: true.
+    allow_pickle: bool = False
 
 
 class MergeParameters(_Strict):
@@ -76,6 +85,8 @@ class MergeParameters(_Strict):
     trim_after_dare: float | None = Field(default=None, ge=0.0, le=1.0)
     # mergekit's int8_mask only saves memory there; masks here are always exact.
     int8_mask: bool = False
+    # vocabulary-size differences (added tokens); None: refuse. See VocabMismatch.
+    vocab_mismatch: VocabMismatch | None = None
 
 
     @field_validator("rescale", mode="before")
@@ -84,6 +95,35 @@ class MergeParameters(_Strict):
         # mergekit spells it as a bool: true = its L1-norm rescale, false = DropOnly.
         if isinstance(value, bool):
             return "l1" if value else "none"
+        return value
+
+
+class GateConfig(_Strict):
+    """The DARE applicability gate (``tasks.delta_stats``): before merging, estimate each
+    fine-tune's delta statistics against the base and refuse (or warn) when they are too
+    large for DARE. Defaults: SFT deltas are mostly within 0.002-0.005 (DARE paper §4.6),
+    so a 99th percentile of |delta| above 0.03 (6x the top of that band) or a relative norm
+    ||delta|| / ||base|| above 0.15 means continued pre-training or the wrong base.
+    Measured on the demo family: its SFT fine-tunes have p99 0.008-0.010 and rel norm
+    0.02-0.03 (pass with 3x margin); the same fine-tunes against the demo "wrong base"
+    (300 steps of continued pre-training) have p99 0.069 and rel norm 0.18 (fail both).
+    """
+
+    mode: Literal["refuse", "warn", "off"] = "refuse"
+    max_abs_delta_p99: float = Field(default=0.03, gt=0)
+    max_relative_norm: float = Field(default=0.15, gt=0)
+    # methods the gate applies to; magnitude pruning and plain task arithmetic keep the
+    # largest deltas, so they do not break the same way
+    methods: list[str] = Field(default_factory=lambda: ["dare_linear", "dare_ties"])
+    # elements read per tensor (16 contiguous windows): the gate stays cheap on 70B models
+    sample_elements: int = Field(default=65536, ge=1024)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown merge method(s) {unknown}; choices: {', '.join(METHODS)}")
         return value
 
 
@@ -99,6 +139,8 @@ class Recipe(_Strict):
     seed: int = Field(default=0, ge=0, lt=2**63)
     output: str | None = None
     name: str | None = None
+    # the DARE applicability gate; None: its defaults (see GateConfig)
+    gate: GateConfig | None = None
 
     @field_validator("merge_method")
     @classmethod
@@ -165,6 +207,19 @@ def _semantic_problems(recipe: Recipe) -> list[str]:
         problems.append(
             "parameters: give either normalize (mergekit: true = disjoint_merge 'weight', "
             "false = 'sum') or disjoint_merge for TIES methods, not both"
+        )
+    if params.vocab_mismatch == "pad_to_union":
+        problems.append(
+            "parameters.vocab_mismatch: 'pad_to_union' (pad every model's embedding rows "
+            "to the union vocabulary with the mean of its rows) is not supported yet; use "
+            "'exclude_embeddings' (keep the base's embedding and lm_head rows) or resize "
+            "the embeddings of every model to one vocabulary first"
+        )
+    elif params.vocab_mismatch == "exclude_embeddings" and not row.needs_base:
+        problems.append(
+            f"parameters.vocab_mismatch: 'exclude_embeddings' keeps the base model's "
+            f"embeddings, but merge_method '{row.id}' has no base; use a method with "
+            "base_model (task_arithmetic, dare_linear, ties, dare_ties)"
         )
     if params.trim_after_dare is not None and row.id != "dare_ties":
         problems.append(
@@ -268,6 +323,10 @@ def _format_pydantic(error: ValidationError) -> list[str]:
             msg = "unknown key (not a dareflow or mergekit option); remove it or fix its spelling"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif isinstance(e.get("input"), list) and e["loc"][-1] in (
+                "weight", "density", "drop_rate"):
+            msg = ("a list (mergekit's per-layer gradient) is not supported; give one "
+                   f"number (got {e['input']!r})")
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         given = e.get("input")

@@ -5,6 +5,8 @@ Each task reads, calls pure code, writes, and returns URIs plus small metadata.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Any
 
@@ -12,15 +14,33 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
-from tasks import merging
+from tasks import merging, sources
 from tasks.config import parse_recipe
-from tasks.sources import resolve_local_sources
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: only network/server errors (see ``sources.is_transient``)."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return sources.is_transient(exc)
+
+
+@task(name="mirror-source", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=_transient, task_run_name="mirror-{spec[role]}")
+def mirror_source(spec: dict[str, Any], store_uri: str) -> dict[str, Any]:
+    """Pin one model to a revision and mirror it into the store once (tasks.sources)."""
+    record = sources.mirror_model(spec, store_uri)
+    get_run_logger().info(
+        "%s %s: %s revision %s, %s %s", record["role"], record["model"], record["kind"],
+        record["revision"], "read in place" if record["in_place"]
+        else "already mirrored" if record["cached"] else "mirrored to", record["uri"],
+    )
+    return record
 
 
 @task(name="resolve-sources", cache_policy=NONE)
-def resolve_sources(recipe: dict[str, Any]) -> dict[str, Any]:
-    """Map every model of the recipe to a checkpoint URI (see tasks.sources)."""
-    return resolve_local_sources(parse_recipe(recipe, "<recipe>"))
+def resolve_sources(recipe: dict[str, Any], mirrored: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join the mirrored models into base/model URIs and the recorded sources list."""
+    return sources.collect_sources(parse_recipe(recipe, "<recipe>"), mirrored)
 
 
 @task(name="plan-merge", cache_policy=NONE)
@@ -63,13 +83,18 @@ def _job(unit: dict[str, Any]) -> merging.UnitJob:
 def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
     """DARE + fusion of one layer unit; writes its shard and returns its URI and sha256."""
     started = time.perf_counter()
-    result = merging.merge_unit(merging.MergePlan.from_dict(plan), _job(unit))
+    merge_plan, job = merging.MergePlan.from_dict(plan), _job(unit)
+    try:
+        result = merging.merge_unit(merge_plan, job)
+    finally:  # a failed unit must not keep its lease (others would wait for it)
+        merging.release_unit(merge_plan, job)
     get_run_logger().info(
         "unit %s: %s, %d tensors, %.1f MB in %.2f s", unit["unit"],
         "already committed" if result["cached"] else "merged", len(unit["tensors"]),
         result["nbytes"] / 1e6, time.perf_counter() - started,
     )
-    return result
+    # host:pid of the process that ran it: shows how units spread over (Dask) workers.
+    return {**result, "ran_on": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 @task(name="assemble-model", cache_policy=NONE)

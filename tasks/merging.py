@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from tasks import assemble, storage
-from tasks.checkpoints import Checkpoint, check_family
+from tasks import assemble, leases, storage
+from tasks.checkpoints import Checkpoint, check_family, vocab_tensor_names, with_tensors_from
 from tasks.config import (
     Recipe,
     drop_rate_of,
@@ -155,12 +155,15 @@ def resolved_recipe(recipe: Recipe, out_dtype: str) -> dict[str, Any]:
         params["normalize"] = spec.resolved_normalize
     if row.id == "dare_ties":
         params["trim_after_dare"] = spec.trim_after_dare
+    if recipe.parameters.vocab_mismatch not in (None, "refuse"):
+        params["vocab_mismatch"] = recipe.parameters.vocab_mismatch
     models = []
     for entry, m in zip(fine_tunes(recipe), spec.models):
         model_params: dict[str, Any] = {"weight": m.weight}
         if row.sparsification != "none":
             model_params["drop_rate"] = m.drop_rate
-        models.append({"model": entry.model, "parameters": model_params})
+        models.append({"model": entry.model, "parameters": model_params,
+                       **({"allow_pickle": True} if entry.allow_pickle else {})})
     data.update(models=models, parameters=params, dtype=out_dtype, seed=spec.seed)
     return data
 
@@ -178,6 +181,7 @@ def plan_merge(recipe: Recipe, *, base_uri: str | None, model_uris: dict[str, st
     """
     checkpoints = {mid: Checkpoint.open(uri) for mid, uri in model_uris.items()}
     reference = Checkpoint.open(base_uri) if base_uri else next(iter(checkpoints.values()))
+    checkpoints = apply_vocab_policy(recipe, reference if base_uri else None, checkpoints)
     check_family(reference, checkpoints if base_uri else
                  {k: v for k, v in list(checkpoints.items())[1:]})
     out_dtype = recipe.dtype or _default_dtype(reference)
@@ -200,6 +204,18 @@ def plan_merge(recipe: Recipe, *, base_uri: str | None, model_uris: dict[str, st
     )
 
 
+def apply_vocab_policy(recipe: Recipe, base: Checkpoint | None,
+                       models: dict[str, Checkpoint]) -> dict[str, Checkpoint]:
+    """``parameters.vocab_mismatch: exclude_embeddings``: every fine-tune's embedding
+    and output-head tensors are read from the base, so they merge to the base's rows
+    exactly (deltas of 0) and added tokens are no obstacle. Otherwise: unchanged (a
+    vocabulary-size difference is refused by ``check_family``)."""
+    if recipe.parameters.vocab_mismatch != "exclude_embeddings" or base is None:
+        return models
+    names = vocab_tensor_names(base)
+    return {mid: with_tensors_from(m, base, names) for mid, m in models.items()}
+
+
 def unit_key(resolved: dict[str, Any], tensors: tuple[str, ...] | list[str],
              inputs: dict[str, Checkpoint]) -> str:
     """Content address of one unit's output (see ``UnitJob``).
@@ -208,7 +224,7 @@ def unit_key(resolved: dict[str, Any], tensors: tuple[str, ...] | list[str],
     recipe (not ``output``/``name``), the unit's tensor names, and each input tensor's
     fingerprint (file identity + byte range, no data read).
     """
-    math = {k: v for k, v in resolved.items() if k not in ("output", "name")}
+    math = {k: v for k, v in resolved.items() if k not in ("output", "name", "gate")}
     payload = {
         "code": MERGE_CODE_VERSION,
         "recipe": math,
@@ -241,6 +257,31 @@ def committed_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any] | None:
     return record
 
 
+def lock_uri(store_uri: str, key: str) -> str:
+    """The lease of a unit being computed: ``{store}/units/xx/KEY.lock``."""
+    return storage.join(store_uri, "units", key[:2], key) + ".lock"
+
+
+def claim_unit(plan: MergePlan, job: UnitJob) -> tuple[leases.Lease | None, dict | None]:
+    """Before computing a unit: take its lease, or wait for the run that holds it.
+
+    Returns:
+        ``(lease, None)`` to compute (release with ``release_unit``), ``(None, record)``
+        when another run committed the unit meanwhile, ``(None, None)`` when the wait
+        timed out (compute anyway: same bytes, atomic writes). See ``tasks.leases``.
+    """
+    return leases.acquire_or_wait(lock_uri(plan.store_uri, job.key),
+                                  lambda: committed_unit(plan, job))
+
+
+def release_unit(plan: MergePlan, job: UnitJob, lease: leases.Lease | None = None) -> None:
+    """After a unit is committed, or failed: drop this thread's lease on it (if any)."""
+    if lease is not None:
+        lease.release()
+    else:
+        leases.release_held(lock_uri(plan.store_uri, job.key))
+
+
 _FAULT_LOCK = threading.Lock()
 _FAULT_COUNTS: dict[str, int] = {}
 
@@ -264,12 +305,17 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     record = committed_unit(plan, job)
     if record is not None:
         return {**record, "cached": True}
+    lease, record = claim_unit(plan, job)
+    if record is not None:  # another run computed it while we waited for its lease
+        return {**record, "cached": True}
     from tasks.config import parse_recipe
 
     recipe = parse_recipe(plan.recipe, "<plan>")
     spec = build_spec(recipe, plan.out_dtype)
     base = Checkpoint.open(plan.base_uri) if plan.base_uri else None
-    models = [Checkpoint.open(plan.model_uris[m.model]) for m in fine_tunes(recipe)]
+    models = list(apply_vocab_policy(recipe, base, {
+        m.model: Checkpoint.open(plan.model_uris[m.model]) for m in fine_tunes(recipe)
+    }).values())
     merged: dict[str, torch.Tensor] = {}
     for name in job.tensors:
         base_t = base.read(name) if base is not None else None
@@ -278,10 +324,12 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
         del base_t, finetuned
     shard, sidecar = unit_uris(plan.store_uri, job.key)
     sha256, nbytes = assemble.write_shard(shard, merged, {"format": "pt"})
+    _fault_point("shard-written")
     record = {"unit": job.unit, "key": job.key, "file": shard_name(job.unit), "uri": shard,
               "sha256": sha256, "nbytes": nbytes, "tensors": list(job.tensors)}
     storage.write_bytes_atomic(sidecar, json.dumps(record, sort_keys=True).encode())
     _fault_point("unit-committed")
+    release_unit(plan, job, lease)
     return {**record, "cached": False}
 
 

@@ -30,18 +30,23 @@ through fsspec's configuration (``FSSPEC_S3_ENDPOINT_URL`` and friends, or
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+from tasks.s3config import is_s3_uri, storage_options_for
 
 #: Marker in the name of a temporary sibling written before an atomic commit.
 TMP_MARKER = ".tmp-"
@@ -87,6 +92,12 @@ def _storage_errors(uri: str, action: str) -> Iterator[None]:
             "options) and the access rights on the path"
         ) from e
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC, f"cannot {action} {uri!r}: the store is full ({_reason(e)}); "
+                "free space there, or point the store elsewhere (--store or "
+                "DAREFLOW_STORE) and run again: committed units are kept"
+            ) from e
         raise OSError(f"cannot {action} {uri!r}: {_reason(e)}") from e
     except Exception as e:  # only client-library errors are translated, others re-raised
         if type(e).__module__.split(".")[0] not in _BACKEND_MODULES:
@@ -100,6 +111,107 @@ def _storage_errors(uri: str, action: str) -> Iterator[None]:
 def _reason(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------- retries
+# Remote stores fail transiently (a restarted server, a dropped connection, 5xx,
+# throttling). botocore and s3fs retry a little on their own; on top of that every
+# remote read/write/listing here is retried with exponential backoff, bounded both in
+# attempts and in total time. Local files are never retried (ENOSPC does not heal).
+
+#: Environment variables: attempts (>= 1), total seconds, first delay in seconds.
+RETRY_ATTEMPTS_ENV = "DAREFLOW_STORAGE_RETRIES"
+RETRY_SECONDS_ENV = "DAREFLOW_STORAGE_RETRY_SECONDS"
+RETRY_DELAY_ENV = "DAREFLOW_STORAGE_RETRY_DELAY"
+RETRY_DEFAULTS = {RETRY_ATTEMPTS_ENV: 6.0, RETRY_SECONDS_ENV: 60.0, RETRY_DELAY_ENV: 0.5}
+
+_log = logging.getLogger(__name__)
+
+# S3 error codes and client exceptions that mean "try again later".
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequests", "RequestTimeout", "ServiceUnavailable", "InternalError",
+    "503", "500", "502", "504",
+})
+_TRANSIENT_TYPES = frozenset({
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+    "ConnectTimeoutError", "ClientConnectorError", "ClientConnectionError",
+    "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
+    "ClientPayloadError", "IncompleteReadError", "FSTimeoutError",
+})
+
+
+def retry_policy() -> tuple[int, float, float]:
+    """``(attempts, total_seconds, first_delay)`` from the environment (see RETRY_*).
+
+    Raises:
+        ValueError: a variable is not a number in its range (the message names it).
+    """
+    values = {}
+    for var, default in RETRY_DEFAULTS.items():
+        raw = os.environ.get(var, "")
+        try:
+            value = float(raw) if raw.strip() else default
+        except ValueError:
+            value = -1.0
+        low = 1.0 if var == RETRY_ATTEMPTS_ENV else 0.0
+        if not value >= low:
+            raise ValueError(
+                f"{var}={raw!r} is not a number >= {low:g}; set it to e.g. "
+                f"{default:g} (or unset it for the default)"
+            )
+        values[var] = value
+    return (int(values[RETRY_ATTEMPTS_ENV]), values[RETRY_SECONDS_ENV],
+            values[RETRY_DELAY_ENV])
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a storage error (or any error in its cause chain) is worth retrying:
+    connection refused/reset/closed, timeouts, HTTP 5xx and 429, S3 SlowDown/throttling."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in _TRANSIENT_TYPES:
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = str((response.get("Error") or {}).get("Code", ""))
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in _TRANSIENT_CODES or (isinstance(status, int) and (
+                    status >= 500 or status == 429)):
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _call(fs: fsspec.AbstractFileSystem, uri: str, action: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` with storage errors named after ``uri``; transient remote errors are
+    retried with exponential backoff (see ``retry_policy``)."""
+    if _is_local(fs):
+        with _storage_errors(uri, action):
+            return fn()
+    attempts, budget, delay = retry_policy()
+    started = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            with _storage_errors(uri, action):
+                return fn()
+        except OSError as e:
+            elapsed = time.monotonic() - started
+            if not is_transient(e):
+                raise
+            if attempt == attempts or elapsed + delay > budget:
+                raise OSError(
+                    f"{e}; gave up after {attempt} attempt(s) in {elapsed:.1f} s "
+                    f"({RETRY_ATTEMPTS_ENV}={attempts}, {RETRY_SECONDS_ENV}={budget:g}); "
+                    "check that the store is up and reachable, or raise these limits"
+                ) from e
+            _log.warning("cannot %s %s (attempt %d/%d): %s; retrying in %.1f s",
+                         action, uri, attempt, attempts, _reason(e.__cause__ or e), delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -163,7 +275,9 @@ def get_fs(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem,
         uri: A local path (``~`` is expanded), ``file://...``, ``s3://bucket/key`` or
             any fsspec URL (chained URLs such as ``simplecache::s3://...`` work too).
         **storage_options: Options for the filesystem (e.g. ``endpoint_url``, ``key``,
-            ``secret`` for s3fs). fsspec caches one instance per set of options.
+            ``secret`` for s3fs). fsspec caches one instance per set of options. For
+            ``s3://`` URIs they are laid over ``tasks.s3config.storage_options_for(uri)``
+            (the standard ``AWS_*`` variables), so every caller reaches the same store.
 
     Returns:
         ``(fs, path)``: local paths and ``file://`` URIs give a ``LocalFileSystem`` and
@@ -179,6 +293,10 @@ def get_fs(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem,
         )
     if "://" not in uri and "::" not in uri:
         uri = os.path.expanduser(uri)
+    if is_s3_uri(uri):
+        # The AWS_* environment (endpoint, path-style addressing, region kept out of
+        # client_kwargs) applies to every s3:// URI; explicit options override it.
+        storage_options = {**storage_options_for(uri), **storage_options}
     try:
         return url_to_fs(uri, **storage_options)
     except ValueError as e:
@@ -219,17 +337,15 @@ def join(uri: str, *parts: str) -> str:
 def exists(uri: str, **storage_options: Any) -> bool:
     """Whether a file, folder or object prefix exists at ``uri``."""
     fs, path = get_fs(uri, **storage_options)
-    with _storage_errors(uri, "check whether it exists"):
-        _refresh(fs, path)
-        return bool(fs.exists(path))
+    return _call(fs, uri, "check whether it exists",
+                 lambda: _refresh(fs, path) or bool(fs.exists(path)))
 
 
 def isdir(uri: str, **storage_options: Any) -> bool:
     """Whether ``uri`` is a folder (a prefix with objects under it on object stores)."""
     fs, path = get_fs(uri, **storage_options)
-    with _storage_errors(uri, "check whether it is a folder"):
-        _refresh(fs, path)
-        return bool(fs.isdir(path))
+    return _call(fs, uri, "check whether it is a folder",
+                 lambda: _refresh(fs, path) or bool(fs.isdir(path)))
 
 
 def info(uri: str, **storage_options: Any) -> dict[str, Any]:
@@ -241,9 +357,8 @@ def info(uri: str, **storage_options: Any) -> dict[str, Any]:
         FileNotFoundError: nothing exists at ``uri``.
     """
     fs, path = get_fs(uri, **storage_options)
-    with _storage_errors(uri, "get information on"):
-        _refresh(fs, path)
-        return dict(fs.info(path))
+    return _call(fs, uri, "get information on",
+                 lambda: _refresh(fs, path) or dict(fs.info(path)))
 
 
 def size(uri: str, **storage_options: Any) -> int:
@@ -266,9 +381,7 @@ def listdir(uri: str, **storage_options: Any) -> list[str]:
         NotADirectoryError: ``uri`` is a file.
     """
     fs, path = get_fs(uri, **storage_options)
-    with _storage_errors(uri, "list"):
-        _refresh(fs, path)
-        entries = fs.ls(path, detail=True)
+    entries = _call(fs, uri, "list", lambda: _refresh(fs, path) or fs.ls(path, detail=True))
     own = path.rstrip("/")
     names: set[str] = set()
     for entry in entries:
@@ -305,8 +418,7 @@ def read_bytes(
     """
     _check_range(uri, start, end)
     fs, path = get_fs(uri, **storage_options)
-    with _storage_errors(uri, "read"):
-        return fs.cat_file(path, start=start, end=end)
+    return _call(fs, uri, "read", lambda: fs.cat_file(path, start=start, end=end))
 
 
 def read_into(uri: str, buffer: memoryview, start: int = 0, **storage_options: Any) -> int:
@@ -344,7 +456,7 @@ def read_into(uri: str, buffer: memoryview, start: int = 0, **storage_options: A
             return filled
         if len(view) == 0:
             return 0
-        data = fs.cat_file(path, start=start, end=start + len(view))
+    data = _call(fs, uri, "read", lambda: fs.cat_file(path, start=start, end=start + len(view)))
     view[: len(data)] = data
     return len(data)
 
@@ -411,10 +523,16 @@ def _local_atomic(uri: str, path: str) -> Iterator[IO[bytes]]:
             f.close()
             os.replace(tmp, path)
         _fsync_dir(parent)
-    except BaseException:
-        f.close()
+    except BaseException as e:
+        # close() flushes, and fails again on a full disk: the temporary file must go
+        # whatever happens, or every failed write leaks one.
+        with contextlib.suppress(OSError):
+            f.close()
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            with _storage_errors(uri, "write"):
+                raise  # the body's own write hit the full disk: name the URI
         raise
 
 
@@ -430,8 +548,7 @@ def _object_store_atomic(
         yield spool
         spool.flush()
         spool.close()
-        with _storage_errors(uri, "write"):
-            fs.put_file(spool.name, path)
+        _call(fs, uri, "write", lambda: fs.put_file(spool.name, path))
     finally:
         spool.close()
         with contextlib.suppress(OSError):
@@ -469,8 +586,7 @@ def write_bytes_atomic(uri: str, data: bytes, **storage_options: Any) -> None:
     """
     fs, path = get_fs(uri, **storage_options)
     if _is_object_store(fs):
-        with _storage_errors(uri, "write"):
-            fs.pipe_file(path, bytes(data))
+        _call(fs, uri, "write", lambda: fs.pipe_file(path, bytes(data)))
         return
     with open_write_atomic(uri, **storage_options) as f:
         f.write(data)
@@ -536,3 +652,54 @@ def copy_file(src_uri: str, dst_uri: str, **storage_options: Any) -> None:
         _storage_errors(src_uri, f"copy to {dst_uri!r}"),
     ):
         shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def create_exclusive(uri: str, data: bytes, **storage_options: Any) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing exists there yet (a lock primitive).
+
+    - Local files: the data is written to a temporary sibling, then ``os.link``-ed onto
+      the name, which fails if the name exists: exclusive, and a reader never sees the
+      file empty or partial.
+    - s3: one PUT with ``If-None-Match: *`` (s3fs ``mode="create"``). AWS S3 and moto
+      refuse it when the key exists; a server that ignores the header (nanio 0.1.7) lets
+      the last writer win, so callers that need exclusivity read the object back.
+    - Other filesystems: an existence check, then a write (not atomic).
+
+    Returns:
+        True when this call created the file, False when something was already there.
+
+    Raises:
+        PermissionError, OSError: the store refused the write (the message names ``uri``).
+    """
+    fs, path = get_fs(uri, **storage_options)
+    if _is_local(fs):
+        parent = os.path.dirname(path) or "."
+        tmp = _tmp_sibling(path)
+        with _storage_errors(uri, "create"):
+            os.makedirs(parent, exist_ok=True)
+            try:  # the temporary file goes even when writing it fails (a full disk)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+        _fsync_dir(parent)
+        return True
+    if "s3" in _protocols(fs) or "s3a" in _protocols(fs):
+        with _storage_errors(uri, "create"):
+            try:
+                fs.pipe_file(path, bytes(data), mode="create")
+            except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+                return False
+        return True
+    with _storage_errors(uri, "create"):
+        _refresh(fs, path)
+        if fs.exists(path):
+            return False
+    write_bytes_atomic(uri, data, **storage_options)
+    return True

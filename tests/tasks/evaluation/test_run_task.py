@@ -28,7 +28,7 @@ V1 = load_suite("openllm_v1")
 SKILLS = load_suite("demo_skills")
 # Documents per task (MMLU: per subject, so 57 documents).
 LIMITS = {"arc_challenge": 2, "hellaswag": 2, "mmlu": 1, "truthfulqa_mc2": 3, "winogrande": 3,
-          "gsm8k": 2, "arithmetic": 3, "string_reversal": 3}
+          "gsm8k": 2, "arithmetic": 3, "reverse": 3}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_tidy_table_from_real_runs(v1_runs: dict, skill_runs: dict) -> None:
     assert table.shape == (2, 7) and not table.isna().any().any()
     assert comparison_markdown(table).count("**") >= 2 * 7 * 2  # ties: both rows bold
     skills = comparison_table(df, merged="tiny", sources=[], metrics=SKILLS.primary_metrics())
-    assert list(skills.columns) == ["arithmetic", "string_reversal", "average"]
+    assert list(skills.columns) == ["arithmetic", "reverse", "average"]
 
 
 def test_skill_tasks_generate_and_score(skill_runs: dict) -> None:
