@@ -51,9 +51,11 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     merging.clear_staging(staging)
     mirrored = mirror_source.map(source_specs(parsed), unmapped(store)).result()
     sources = resolve_sources(recipe_to_dict(parsed), mirrored)
-    check_deltas(recipe_to_dict(parsed), sources)  # DARE gate: refuses large deltas
+    results_in_store = result_storage(store)
+    # DARE gate: refuses deltas too large for DARE; cached by input fingerprints
+    check_deltas.with_options(result_storage=results_in_store)(recipe_to_dict(parsed), sources)
     plan = plan_merge(recipe_to_dict(parsed), sources, staging, store)
-    unit_task = merge_unit.with_options(result_storage=result_storage(store))
+    unit_task = merge_unit.with_options(result_storage=results_in_store)
     results = unit_task.map(unmapped(plan), plan["units"]).result()
     manifest = assemble_model(plan, results, out)
     cached = sum(r["cached"] for r in results)

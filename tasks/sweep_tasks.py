@@ -14,8 +14,35 @@ from prefect.cache_policies import NONE
 from tasks import delta_stats
 from tasks.config import parse_recipe
 
+#: Bump when the gate's statistics or verdict logic change.
+GATE_CODE_VERSION = "1"
 
-@task(name="check-deltas", cache_policy=NONE)
+
+def gate_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """The gate's verdict depends only on its config, the method and the input tensors:
+    key it by those (tensor fingerprints come from headers, no data is read), so a
+    rerun on unchanged inputs skips the sampling."""
+    import hashlib
+    import json
+
+    from tasks.checkpoints import Checkpoint
+
+    recipe = parse_recipe(parameters["recipe"], "<recipe>")
+    sources = parameters["sources"]
+    uris = {"base": sources["base_uri"], **sources["model_uris"]}
+    checkpoints = {role: Checkpoint.open(uri) for role, uri in sorted(uris.items()) if uri}
+    payload = {
+        "code": GATE_CODE_VERSION,
+        "method": recipe.merge_method,
+        "gate": recipe.gate.model_dump(mode="json") if recipe.gate else None,
+        "inputs": {role: [(n, ckpt.fingerprint(n)) for n in sorted(ckpt.tensors)]
+                   for role, ckpt in checkpoints.items()},
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"dareflow-gate-{digest}"
+
+
+@task(name="check-deltas", cache_key_fn=gate_cache_key, persist_result=True)
 def check_deltas(recipe: dict[str, Any], sources: dict[str, Any]) -> list[dict[str, Any]]:
     """The DARE applicability gate: estimate each fine-tune's delta statistics against
     the base; raise (mode refuse) or log a warning (mode warn) when they are too large."""
