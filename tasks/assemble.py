@@ -129,8 +129,11 @@ def write_shard(
     head, data = shard_bytes(tensors, metadata)
     digest = hashlib.sha256(head)
     digest.update(data)
+    from tasks.merging import _fault_point  # test hook; lazy: merging imports this module
+
     with storage.open_write_atomic(uri, **storage_options) as f:
         f.write(head)
+        _fault_point("shard-half-written")  # a kill here leaves only a temporary file
         f.write(data)
     return digest.hexdigest(), len(head) + len(data)
 

@@ -24,6 +24,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import logging
 import math
 import struct
 from collections.abc import Mapping
@@ -76,6 +77,14 @@ _VOCAB_MODULES = frozenset(
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
                      "tok_embeddings.weight")
 LM_HEAD = "lm_head.weight"
+
+_log = logging.getLogger(__name__)
+
+# config.json keys that fix tensor shapes and counts: a difference means another
+# architecture size, reported once instead of as one shape error per tensor.
+_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer",
+              "intermediate_size", "n_inner", "num_attention_heads", "n_head",
+              "num_key_value_heads", "head_dim")
 
 
 @dataclass(frozen=True)
@@ -530,6 +539,28 @@ def _tied_aliases(
     return {LM_HEAD: candidates[0]} if len(candidates) == 1 else {}
 
 
+def vocab_tensor_names(ckpt: Checkpoint) -> list[str]:
+    """Stored tensors with one row per vocabulary entry, by module name (input
+    embeddings and output heads: ``model.embed_tokens.weight``, ``lm_head.weight``)."""
+    return [n for n in ckpt.tensors
+            if (n.split(".")[-2] if "." in n else n) in _VOCAB_MODULES]
+
+
+def with_tensors_from(model: Checkpoint, other: Checkpoint, names: list[str]) -> Checkpoint:
+    """A view of ``model`` whose tensors ``names`` are read from ``other`` instead.
+
+    Used by ``vocab_mismatch: exclude_embeddings``: a fine-tune's embeddings read as the
+    base's, so their delta is 0 and the merged rows are the base's, exactly. Both
+    checkpoints must be readable with ``model.storage_options``.
+    """
+    tensors, files = dict(model.tensors), dict(model.files)
+    for name in names:
+        info = other.info(name)
+        tensors[name] = info
+        files[info.file] = other.files[info.file]
+    return Checkpoint(model.uri, tensors, model.config, files, model.storage_options)
+
+
 def _is_vocab_tensor(name: str, shape: tuple[int, ...], config: Mapping[str, Any] | None) -> bool:
     parts = name.split(".")
     module = parts[-2] if len(parts) >= 2 else parts[0]
@@ -552,8 +583,11 @@ def check_family(
 
     Only tensors stored in the base are merged, so they define the comparison. A model
     whose config ties word embeddings may lack ``lm_head.weight``: it reads as its input
-    embedding (see ``Checkpoint.aliases``). A fine-tune that stores an untied
-    ``lm_head.weight`` while the base ties it is an error for now.
+    embedding (see ``Checkpoint.aliases``), so against an untied base its head delta is
+    ``its input embedding - the base's lm_head``. The merged model follows the base's
+    tying: a fine-tune that stores an untied ``lm_head.weight`` while the base ties it
+    is accepted with a warning, and that separate head is not merged (the tied output
+    head is the merged input embedding).
 
     Args:
         base: The common base model.
@@ -590,6 +624,17 @@ def check_family(
                 f"{who}: model_type {model_type!r} differs from the base's {base_type!r}; "
                 "merge only fine-tunes of the same architecture as the base"
             )
+        sizes = [
+            f"{k} {(model.config or {})[k]} vs base {(base.config or {})[k]}"
+            for k in _SIZE_KEYS
+            if k in (model.config or {}) and k in (base.config or {})
+            and (model.config or {})[k] != (base.config or {})[k]
+        ]
+        if sizes:
+            problems.append(
+                f"{who}: config.json {', '.join(sizes)}: another model size, not a "
+                "fine-tune of this base; merge only fine-tunes of the same base model"
+            )
 
         missing = [n for n in base.tensors if n not in model]
         if missing:
@@ -605,11 +650,12 @@ def check_family(
         extra = [n for n in model.tensors if n not in base.tensors]
         untied = [n for n in extra if n == LM_HEAD and base.tie_word_embeddings]
         if untied:
-            problems.append(
-                f"{who}: stores an untied {LM_HEAD!r} but the base ties it to its input "
-                "embeddings (tie_word_embeddings: true); dareflow cannot merge an untied "
-                "head into a tied base yet. Use a fine-tune that keeps the embeddings "
-                "tied, or an untied base"
+            # The merged model follows the base's tying: its output head is the merged
+            # input embedding, so this model's separate head has nowhere to go.
+            _log.warning(
+                "%s stores an untied %r but the base ties it to its input embeddings; "
+                "the merged model keeps the base's tying, so that head is not merged "
+                "(its input embedding is)", who, LM_HEAD,
             )
         extra = [n for n in extra if n not in untied]
         if extra:
@@ -623,7 +669,7 @@ def check_family(
             if name not in model:
                 continue
             m = model.info(name)
-            if m.shape != b.shape:
+            if m.shape != b.shape and not sizes:
                 problems.append(_shape_problem(who, name, b, m, base.config))
             if b.is_floating_point and not m.is_floating_point:
                 problems.append(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -296,8 +297,10 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
 
     The shard is written atomically, then its sidecar (sha256, size, tensors): the
     sidecar is the commit record, so a killed run never leaves a unit that looks done.
-    Peak memory: the unit's merged tensors plus, for the tensor being merged, the base
-    and K fine-tuned copies in float32.
+    Peak memory: the unit's merged tensors (output dtype) and their serialised shard;
+    inputs in a local store are memory-mapped (page cache, not process memory) and the
+    math runs in cache-sized blocks (``tasks.merge_math.blockwise``). Inputs elsewhere
+    are read one tensor at a time.
 
     Returns:
         ``{"unit", "key", "file", "uri", "sha256", "nbytes", "tensors", "cached"}``.
@@ -318,8 +321,8 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     }).values())
     merged: dict[str, torch.Tensor] = {}
     for name in job.tensors:
-        base_t = base.read(name) if base is not None else None
-        finetuned = [ckpt.read(name) for ckpt in models]
+        base_t = _input_tensor(base, name) if base is not None else None
+        finetuned = [_input_tensor(ckpt, name) for ckpt in models]
         merged[name] = merge_tensor(name, base_t, finetuned, spec)
         del base_t, finetuned
     shard, sidecar = unit_uris(plan.store_uri, job.key)
@@ -331,6 +334,25 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     _fault_point("unit-committed")
     release_unit(plan, job, lease)
     return {**record, "cached": False}
+
+
+def _input_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """One input tensor: a read-only view of the mapped file when it is local, else read.
+
+    Mapping keeps the inputs in the page cache instead of copying ~3 x 23 MB per MLP
+    weight into fresh process memory; the merge only reads them.
+    """
+    info = ckpt.info(name)
+    fs, path = storage.get_fs(info.file, **ckpt.storage_options)
+    if not storage._is_local(fs) or info.nbytes == 0:
+        return ckpt.read(name)
+    begin = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        # ACCESS_COPY: a private mapping torch accepts as writable; nothing writes to it
+        mapped = mmap.mmap(f.fileno(), info.end - begin, access=mmap.ACCESS_COPY, offset=begin)
+    data = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes,
+                            offset=info.start - begin)
+    return data.view(info.torch_dtype).reshape(info.shape)
 
 
 def _fault_point(where: str) -> None:
