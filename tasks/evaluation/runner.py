@@ -67,7 +67,9 @@ def model_spec(
     if backend == "hf":
         # float32 on CPU: bf16 matmuls are slow there and change scores.
         dtype = "float32" if device == "cpu" else "auto"
-        return "hf", {"pretrained": str(model_dir), "dtype": dtype, **extra}
+        # trust_remote_code stays off: a model folder's own Python never runs here.
+        return "hf", {"pretrained": str(model_dir), "dtype": dtype,
+                      "trust_remote_code": False, **extra}
     if backend == "vllm":
         if device == "cpu":
             raise ValueError(
@@ -75,7 +77,7 @@ def model_spec(
                 "backend='hf' on the CPU"
             )
         return "vllm", {"pretrained": str(model_dir), "dtype": "auto",
-                        "gpu_memory_utilization": 0.8, **extra}
+                        "gpu_memory_utilization": 0.8, "trust_remote_code": False, **extra}
     close = difflib.get_close_matches(str(backend), BACKENDS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown backend {backend!r}.{hint} Choices: {', '.join(BACKENDS)}")

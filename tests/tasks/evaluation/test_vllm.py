@@ -12,12 +12,13 @@ from tasks.evaluation.suite import load_suite
 
 def test_model_spec_for_each_backend(tmp_path: Path) -> None:
     assert model_spec(tmp_path, "hf", "cpu") == (
-        "hf", {"pretrained": str(tmp_path), "dtype": "float32"})
+        "hf", {"pretrained": str(tmp_path), "dtype": "float32", "trust_remote_code": False})
     assert model_spec(tmp_path, "hf", "cuda:0")[1]["dtype"] == "auto"
     name, args = model_spec(tmp_path, "vllm", "cuda", {"max_model_len": 2048})
     assert name == "vllm"
     assert args == {"pretrained": str(tmp_path), "dtype": "auto",
-                    "gpu_memory_utilization": 0.8, "max_model_len": 2048}
+                    "gpu_memory_utilization": 0.8, "trust_remote_code": False,
+                    "max_model_len": 2048}
     with pytest.raises(ValueError, match="runs on a GPU"):
         model_spec(tmp_path, "vllm", "cpu")
     with pytest.raises(ValueError, match="Did you mean 'vllm'"):
