@@ -240,7 +240,8 @@ def run_task(
                               or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     device = device or ("cuda" if backend == "vllm" else "cpu")
-    lm_name, lm_args = model_spec(model_path.resolve(), backend, device, model_args)
+    lm_name, lm_args = model_spec(model_path.resolve(), backend, device,
+                                  {**entry.model_args, **(model_args or {})})
     if backend == "vllm" and not vllm_available():
         raise ImportError(
             "backend='vllm' needs the vllm package, which is not installed (it needs an NVIDIA "

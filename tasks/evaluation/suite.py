@@ -105,6 +105,9 @@ class SuiteTask(BaseModel):
             group such as MMLU) adds the unweighted mean over the leaf subtasks (``_macro``,
             as the Open LLM Leaderboard v1 reported MMLU) and the size-weighted mean
             (``_micro``).
+        model_args: extra lm-eval model arguments for this task, e.g. ``add_bos_token:
+            true`` for models trained with a BOS token before every prompt (the demo
+            family); lm-eval's hf backend adds no BOS to causal-LM contexts by default.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -116,6 +119,7 @@ class SuiteTask(BaseModel):
     metric: str = Field(min_length=1)
     also: list[str] = Field(default_factory=list)
     aggregate: Literal["lm_eval", "macro_micro"] = "lm_eval"
+    model_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> SuiteTask:
