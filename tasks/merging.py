@@ -7,16 +7,20 @@ so a unit can run on any worker that sees the store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import mmap
 import os
 import platform
 import shutil
 import signal
+import struct
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +41,9 @@ from tasks.plan import plan_units
 
 #: Bump when a change to the merge math or shard layout changes output bytes; it is
 #: part of every cache key and recorded in the model card.
-MERGE_CODE_VERSION = "1"
+#: "2": the l1 rescale's float64 sums run in fixed 32768-element blocks (before: one
+#: torch reduction whose order followed the thread count); other outputs unchanged.
+MERGE_CODE_VERSION = "2"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
@@ -319,14 +325,18 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     models = list(apply_vocab_policy(recipe, base, {
         m.model: Checkpoint.open(plan.model_uris[m.model]) for m in fine_tunes(recipe)
     }).values())
-    merged: dict[str, torch.Tensor] = {}
-    for name in job.tensors:
-        base_t = _input_tensor(base, name) if base is not None else None
-        finetuned = [_input_tensor(ckpt, name) for ckpt in models]
-        merged[name] = merge_tensor(name, base_t, finetuned, spec)
-        del base_t, finetuned
+    reference = base if base is not None else models[0]
+    head, views, data = _shard_buffer(
+        {name: reference.info(name).shape for name in job.tensors}, spec.out_dtype)
+    with _one_torch_thread():
+        for name in job.tensors:
+            base_t = _input_tensor(base, name) if base is not None else None
+            finetuned = [_input_tensor(ckpt, name) for ckpt in models]
+            merge_tensor(name, base_t, finetuned, spec, out=views[name])
+            del base_t, finetuned
     shard, sidecar = unit_uris(plan.store_uri, job.key)
-    sha256, nbytes = assemble.write_shard(shard, merged, {"format": "pt"})
+    sha256, nbytes = _write_shard_bytes(shard, head, data)
+    del views, data
     _fault_point("shard-written")
     record = {"unit": job.unit, "key": job.key, "file": shard_name(job.unit), "uri": shard,
               "sha256": sha256, "nbytes": nbytes, "tensors": list(job.tensors)}
@@ -334,6 +344,78 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     _fault_point("unit-committed")
     release_unit(plan, job, lease)
     return {**record, "cached": False}
+
+
+_SHARD_BUFFERS = threading.local()
+_TORCH_THREADS_LOCK = threading.Lock()
+_TORCH_THREADS = {"users": 0, "saved": 1}
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Torch ops on the calling thread only while units merge.
+
+    Units already run in parallel on the flow's workers; intra-op threads on top
+    oversubscribe the cores (two workers x two OpenMP threads on two cores), and the
+    blockwise merge then uses larger blocks (fewer GIL round trips). The count is
+    restored when the last concurrent unit leaves. Outputs do not depend on it (the
+    merge is elementwise and its sums run in a fixed order).
+    """
+    with _TORCH_THREADS_LOCK:
+        if _TORCH_THREADS["users"] == 0:
+            _TORCH_THREADS["saved"] = torch.get_num_threads()
+        _TORCH_THREADS["users"] += 1
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        with _TORCH_THREADS_LOCK:
+            _TORCH_THREADS["users"] -= 1
+            if _TORCH_THREADS["users"] == 0:
+                torch.set_num_threads(_TORCH_THREADS["saved"])
+
+
+def _shard_buffer(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+                  ) -> tuple[bytes, dict[str, torch.Tensor], memoryview]:
+    """The unit's shard laid out in memory before the math runs.
+
+    Returns the safetensors head (exactly what ``assemble.write_shard`` writes for
+    these tensors and ``{"format": "pt"}``: one dtype, so safetensors orders them by
+    name), a view per tensor into one data buffer, and the buffer's bytes. The math
+    writes straight into the views, so the unit is never copied to be serialised, and
+    the buffer is reused by the next unit of the same worker thread: faulting in fresh
+    memory for every output costs more than the math on the benchmark VM.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    entries, offsets, offset = {}, {}, 0
+    for name in sorted(shapes):
+        size = math.prod(shapes[name]) * itemsize
+        entries[name] = {"dtype": code, "shape": list(shapes[name]),
+                         "data_offsets": [offset, offset + size]}
+        offsets[name] = offset
+        offset += size
+    header = {"__metadata__": {"format": "pt"}, **entries}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    buffer = getattr(_SHARD_BUFFERS, "buffer", None)
+    if buffer is None or buffer.numel() < offset:
+        _SHARD_BUFFERS.buffer = buffer = None  # free the old one first
+        _SHARD_BUFFERS.buffer = buffer = torch.empty(offset, dtype=torch.uint8)
+    views = {name: buffer[offsets[name]:offsets[name] + math.prod(shapes[name]) * itemsize]
+             .view(dtype).reshape(shapes[name]) for name in shapes}
+    return struct.pack("<Q", len(text)) + text, views, memoryview(buffer.numpy())[:offset]
+
+
+def _write_shard_bytes(uri: str, head: bytes, data: memoryview) -> tuple[str, int]:
+    """Write ``head + data`` atomically; (sha256, size) as ``assemble.write_shard``."""
+    digest = hashlib.sha256(head)
+    digest.update(data)
+    with storage.open_write_atomic(uri) as f:
+        f.write(head)
+        _fault_point("shard-half-written")
+        f.write(data)
+    return digest.hexdigest(), len(head) + len(data)
 
 
 def _input_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
@@ -344,8 +426,8 @@ def _input_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
     """
     info = ckpt.info(name)
     fs, path = storage.get_fs(info.file, **ckpt.storage_options)
-    if not storage._is_local(fs) or info.nbytes == 0:
-        return ckpt.read(name)
+    if not storage._is_local(fs) or info.nbytes == 0 or os.path.getsize(path) < info.end:
+        return ckpt.read(name)  # (a truncated file: read() names the problem)
     begin = info.start - info.start % mmap.ALLOCATIONGRANULARITY
     with open(path, "rb") as f:
         # ACCESS_COPY: a private mapping torch accepts as writable; nothing writes to it

@@ -23,6 +23,7 @@ from typing import Literal, get_args
 
 import torch
 
+from tasks.merge_math.blockwise import NonFiniteInput, merge_blockwise, supports_blockwise
 from tasks.merge_math.fuse import (
     DisjointMerge,
     SignElection,
@@ -42,6 +43,7 @@ __all__ = [
     "ModelParams",
     "get_method",
     "merge_tensor",
+    "merge_tensor_reference",
 ]
 
 Sparsification = Literal["none", "magnitude", "dare"]
@@ -431,8 +433,68 @@ def merge_tensor(
     base: torch.Tensor | None,
     finetuned: Sequence[torch.Tensor],
     spec: MergeSpec,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merges one tensor of K fine-tuned models according to ``spec``.
+
+    Computes exactly :func:`merge_tensor_reference` (same bytes; see its docstring
+    for the steps), blockwise in cache-sized pieces with buffers reused across
+    blocks (:mod:`tasks.merge_math.blockwise`): a few MB of extra memory instead of
+    several float32 copies of the tensor, and no whole-tensor passes. Inputs may be
+    read-only (e.g. memory-mapped checkpoint bytes) and on CUDA (DARE masks are
+    drawn on the CPU with the same Philox streams and copied over).
+
+    Args:
+        name: The tensor's checkpoint name.
+        base: Base parameter of shape S (None only for ``linear``).
+        finetuned: K tensors of shape S, in ``spec.models`` order.
+        spec: The merge spec.
+        out: Optional contiguous tensor of shape S and dtype ``spec.out_dtype`` to
+            write the result into (e.g. a view into a shard buffer).
+
+    Returns:
+        Tensor of shape S and dtype ``spec.out_dtype``, on the inputs' device (``out``
+        when given).
+
+    Raises:
+        ValueError: On a missing base, non-floating or mismatched tensors, or
+            NaN/Inf values (naming the tensor and the model).
+    """
+    row = spec.row
+    if row.needs_base and base is None:
+        raise ValueError(
+            f"tensor {name!r}: method {row.id!r} needs the base model's tensor, got None"
+        )
+    _check_inputs(name, base if row.needs_base else None, finetuned, spec)
+    if out is not None and (out.shape != finetuned[0].shape or out.dtype != spec.out_dtype
+                            or not out.is_contiguous()):
+        raise ValueError(
+            f"tensor {name!r}: out must be contiguous with shape {tuple(finetuned[0].shape)} "
+            f"and dtype {spec.out_dtype}, got {tuple(out.shape)} {out.dtype}"
+        )
+    if supports_blockwise(spec, base if row.needs_base else None):
+        try:
+            return merge_blockwise(name, base if row.needs_base else None, finetuned, spec,
+                                   out=out)
+        except NonFiniteInput:
+            pass  # the reference path raises the error that names the model
+    merged = merge_tensor_reference(name, base, finetuned, spec)
+    if out is None:
+        return merged
+    return out.copy_(merged)
+
+
+def merge_tensor_reference(
+    name: str,
+    base: torch.Tensor | None,
+    finetuned: Sequence[torch.Tensor],
+    spec: MergeSpec,
+) -> torch.Tensor:
+    """Merges one tensor of K fine-tuned models according to ``spec`` (reference).
+
+    Whole-tensor float32 code that reads like the papers; :func:`merge_tensor` runs
+    the same math blockwise and must match it byte for byte.
 
     Steps: upcast to float32; ``δ_k = θ_k − θ_base``; ``# sparsify`` each δ_k with
     mask key ``derive_key(spec.seed, model_id, name)`` (so the result depends on the

@@ -67,6 +67,37 @@ def _check_rescale(rescale: str) -> None:
         raise ValueError(f"rescale must be one of {list(_RESCALES)}, got {rescale!r}")
 
 
+#: Elements per block of :func:`l1_norm`'s fixed summation order.
+L1_BLOCK = 1 << 15
+
+
+def l1_block_sum(magnitudes: torch.Tensor) -> float:
+    """float64 sum of one block of ``|x|`` values (numpy's pairwise sum on CPU).
+
+    numpy sums on one thread in a fixed order, so the result never depends on torch's
+    thread count (torch's parallel reduction splits by thread). On other devices the
+    block is summed there in float64 (deterministic per device, not bitwise equal to
+    the CPU sum; the rescale factor is cast to float32 before use, where a last-bit
+    float64 difference essentially never shows).
+    """
+    if magnitudes.device.type == "cpu":
+        return float(np.add.reduce(magnitudes.detach().reshape(-1).numpy(), dtype=np.float64))
+    return magnitudes.sum(dtype=torch.float64).item()
+
+
+def l1_norm(values: torch.Tensor) -> float:
+    """``‖x‖₁`` in float64, summed in blocks of :data:`L1_BLOCK` flat elements in order.
+
+    The fixed block order makes the sum independent of threads and identical to the
+    blockwise merge, which sums the same blocks (see :mod:`blockwise`).
+    """
+    flat = values.detach().reshape(-1).abs()
+    total = 0.0
+    for start in range(0, flat.numel(), L1_BLOCK):
+        total += l1_block_sum(flat[start : start + L1_BLOCK])
+    return total
+
+
 def _apply_rescale(
     delta: torch.Tensor, kept: torch.Tensor, rescale: str, drop_rate: float
 ) -> torch.Tensor:
@@ -74,9 +105,9 @@ def _apply_rescale(
         return kept
     if rescale == "inverse":
         return kept / (1.0 - drop_rate)
-    # l1: match the original L1 norm (sums in float64)
-    before = delta.abs().sum(dtype=torch.float64).item()
-    after = kept.abs().sum(dtype=torch.float64).item()
+    # l1: match the original L1 norm (sums in float64, fixed order)
+    before = l1_norm(delta)
+    after = l1_norm(kept)
     if after < L1_EPS:  # nothing (meaningful) kept: no 0/0, as mergekit
         return kept
     return kept * (before / after)

@@ -1,0 +1,141 @@
+"""Smoke tests of the benchmark's helpers (the benchmark itself is a script)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from benchmarks.family import FamilySpec, generate_family
+from benchmarks.measure import io_floor, run_measured
+from benchmarks.report import (
+    MERGES,
+    Agreement,
+    DareStats,
+    dare_agrees,
+    dareflow_recipe,
+    format_table,
+    mergekit_config,
+)
+from tasks.config import parse_recipe
+
+TINY = FamilySpec(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=128)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return generate_family(tmp_path_factory.mktemp("family"), TINY, log=lambda *a: None)
+
+
+def test_family_is_bf16_llama_with_small_deltas_and_cached(family, tmp_path):
+    from safetensors.torch import load_file
+
+    assert sorted(family) == ["base", "ft0", "ft1"]
+    base = load_file(family["base"] / "model.safetensors")
+    ft = load_file(family["ft0"] / "model.safetensors")
+    assert sum(t.numel() for t in base.values()) == TINY.num_params()
+    assert {t.dtype for t in base.values()} == {torch.bfloat16}
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert 0.0015 < float((ft[name].float() - base[name].float()).std()) < 0.0025
+    assert json.loads((family["base"] / "config.json").read_text())["num_key_value_heads"] == 2
+    stamp = (family["base"].parent / "family.json").stat().st_mtime_ns
+    generate_family(family["base"].parent.parent, TINY, log=lambda *a: None)  # cached
+    assert (family["base"].parent / "family.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("method", list(MERGES))
+def test_recipes_are_valid_and_name_both_fine_tunes(method):
+    recipe = parse_recipe(dareflow_recipe(method, "/b", ["/f0", "/f1"]))
+    assert recipe.merge_method == method and len(recipe.models) == 2
+    config = mergekit_config(method, "/b", ["/f0", "/f1"])
+    assert config["models"][0] == {"model": "/b"} and config["dtype"] == "bfloat16"
+
+
+def test_format_table_has_speedup_and_floor_ratio():
+    table = format_table([
+        {"merge": "dare_ties", "dareflow_wall": 10.0, "mergekit_wall": 45.0,
+         "io_floor_wall": 5.0, "dareflow_cpu": 15.0, "mergekit_cpu": 40.0,
+         "dareflow_rss": 900.0, "mergekit_rss": 4000.0, "dareflow_anon": 500.0,
+         "mergekit_anon": 3500.0},
+        {"merge": "ties", "dareflow_wall": 12.0, "io_floor_wall": 5.0},
+    ])
+    lines = table.splitlines()
+    assert len(lines) == 4 and "4.5x" in lines[2] and "2.00x" in lines[2]
+    assert "—" in lines[3]
+
+
+def test_agreement_counts_bf16_rounding_as_equal():
+    a = torch.tensor([1.0, 0.5, 0.02], dtype=torch.bfloat16)
+    b = a.float() + torch.tensor([2**-8, 0.0, 0.001])
+    agreement = Agreement()
+    agreement.add(a, b.to(torch.bfloat16), [a])
+    assert agreement.elements == 3 and agreement.within == 2
+
+
+def test_dare_stats_agree_for_the_same_process_and_not_for_another():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200_000, generator=g)
+    fts = [base + torch.randn(200_000, generator=g) * 0.01 for _ in range(2)]
+    x = sum(0.5 * (f - base) for f in fts)
+
+    def merged(seed, keep=0.5):
+        mask = torch.rand(200_000, generator=torch.Generator().manual_seed(seed)) < keep
+        return base + torch.where(mask, x / keep, 0.0)
+
+    a, b, c = DareStats(), DareStats(), DareStats()
+    a.add(base, merged(1), fts, [0.5, 0.5])
+    b.add(base, merged(2), fts, [0.5, 0.5])
+    c.add(base, merged(3, keep=0.3), fts, [0.5, 0.5])
+    assert dare_agrees(a, b)[0]
+    assert not dare_agrees(a, c)[0]
+
+
+def test_run_measured_reports_time_cpu_and_memory(tmp_path):
+    code = "x = bytearray(64 << 20); x[::4096] = b'1' * len(x[::4096])"
+    stats = run_measured([sys.executable, "-c", code], log_path=str(tmp_path / "log"))
+    assert stats.returncode == 0 and stats.wall_s > 0 and stats.cpu_s > 0
+    assert stats.maxrss_mb >= 64
+
+
+def test_io_floor_reads_inputs_and_removes_its_output(tmp_path):
+    src = tmp_path / "in.bin"
+    src.write_bytes(b"x" * 100_000)
+    stats = io_floor([str(src)], str(tmp_path / "out.tmp"), 50_000)
+    assert stats.wall_s > 0 and not (tmp_path / "out.tmp").exists()
+
+
+def test_dareflow_phases_from_a_prefect_log():
+    import time
+
+    from benchmarks.report import dareflow_phases
+
+    started = time.mktime((2025, 1, 2, 10, 0, 0, 0, 0, -1))
+    lines = [
+        "10:00:04.000 | INFO    | Flow run 'x' - Beginning flow run 'x' for flow 'dare-merge'",
+        "10:00:06.500 | INFO    | Task run 'plan-merge-1' - planned 18 units (147 tensors)",
+        "10:00:16.500 | INFO    | Task run 'assemble-model-1' - published merged model to /o",
+    ]
+    phases = dareflow_phases(lines, started, 17.0)
+    assert phases == pytest.approx({"startup": 4.0, "gate+plan": 2.5, "merge": 10.0,
+                                    "finish": 0.5})
+    assert dareflow_phases(lines[:1], started, 17.0) == {}
+
+
+def test_cuda_section_skips_cleanly_without_a_gpu(family, monkeypatch, capsys):
+    from benchmarks import merge_vs_mergekit
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    merge_vs_mergekit.cuda_section(family, ["dare_ties"])
+    assert "no CUDA device here" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_merge_is_byte_identical_to_cpu(family, capsys):
+    from benchmarks import merge_vs_mergekit
+
+    merge_vs_mergekit.cuda_section(family, ["dare_ties", "ties"])
+    out = capsys.readouterr().out
+    assert "identical to the CPU result: True" in out and "False" not in out
