@@ -29,8 +29,9 @@ How the family is made so that merges work (the point of the demo):
   "answer the question" direction, which the sum counts twice.
 
 Determinism: model init (explicit ``torch.Generator``), data (``random.Random`` seeded
-from ``seed``) and a fixed intra-op thread count make the same seed give byte-identical
-safetensors on one machine. The global torch RNG is never touched.
+from ``seed``, string seeds hash the same in every process) and a fixed intra-op thread
+count make the same seed give byte-identical safetensors on one machine. The global
+torch and Python RNGs are never touched.
 
 Cache: a folder that already holds a complete family with the same ``BUILD_VERSION``,
 seed and config (and whose files match the manifest's sha256) is reused as is.
@@ -40,12 +41,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import shutil
 import string
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -406,6 +408,68 @@ def _pretrain(model, tokenizer, cfg, skills, seed, say) -> tuple[list[float], di
     return losses, log
 
 
+def continue_pretraining(
+    model,
+    *,
+    steps: int,
+    lr: float,
+    seed: int | str,
+    size: str | FamilyConfig = "demo",
+    qa_fraction: float | None = None,
+    skills: Sequence[str] = ("arithmetic", "reverse"),
+    progress: Callable[[str], None] | None = None,
+) -> list[float]:
+    """Train ``model`` in place for exactly ``steps`` steps on the family's corpus.
+
+    For experiments that need a *large* delta from the base, e.g. the "wrong base" (the
+    analogue of continued pre-training, CodeLlama-Python vs Llama-2): AdamW (betas 0.9,
+    0.98, weight decay 0.01), 50-step warmup, cosine to 10 % of ``lr``, gradient clip 1.
+    Deterministic for a given ``seed`` and thread count; the global RNGs are untouched.
+
+    Args:
+        model: A demo-family causal LM (character vocabulary of ``make_tokenizer``).
+        steps: Optimizer steps (>= 1).
+        lr: Peak learning rate.
+        seed: Seeds the corpus stream (e.g. ``f"{seed}/wrong-base"``).
+        size: Family size whose corpus settings (batch, seq_len, mix) are used.
+        qa_fraction: Override the share of Q/A lines (0.0 = raw skill text only).
+        skills: Skills whose text makes up the corpus.
+        progress: Called every ``steps // 5`` steps with the mean loss.
+
+    Returns:
+        The loss of every step.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1.")
+    cfg = _resolve_config(size)
+    if qa_fraction is not None:
+        cfg = replace(cfg, qa_fraction=qa_fraction)
+    chosen = [get_skill(s) for s in ((skills,) if isinstance(skills, str) else skills)]
+    say = progress or (lambda msg: None)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warm = min(50, max(1, steps // 10))
+
+    def schedule(s: int) -> float:
+        return min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    losses, every = [], max(1, steps // 5)
+    for step in range(1, steps + 1):
+        batch = _pretrain_batch(rng, cfg, chosen)
+        loss = _loss(model, batch, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % every == 0 or step == steps:
+            say(f"continued pre-training: step {step}/{steps} loss {sum(losses[-every:]) / len(losses[-every:]):.3f}")
+    return losses
+
+
 def _finetune(model, cfg, skill, skills, rng, say) -> list[float]:
     steps = cfg.finetune_steps
     # No weight decay: parameters the task never touches keep delta == 0 exactly.
@@ -537,7 +601,7 @@ def build_demo_family(
     progress: Callable[[str], None] | None = None,
     size: str | FamilyConfig = "demo",
     skills: Sequence[str] = ("arithmetic", "reverse"),
-    threads: int = 2,
+    threads: int = 1,
     force: bool = False,
 ) -> dict[str, Path]:
     """Build (or reuse) the demo family: a base and one SFT fine-tune per skill.
@@ -549,8 +613,10 @@ def build_demo_family(
         progress: Called with one line per stage / every few hundred steps.
         size: ``"demo"`` (default), ``"tiny"`` (seconds, for tests) or a FamilyConfig.
         skills: Names in ``SKILLS``; one fine-tune per skill.
-        threads: torch intra-op threads while building (restored after). Results are
-            byte-identical only for the same thread count.
+        threads: torch intra-op threads while building (restored after). 1 (default)
+            is robust: on a busy shared 2-core machine 2 threads ran 10x *slower* per
+            step (OpenMP barriers); on an idle one they are ~1.6x faster. Here 1 and 2
+            threads gave byte-identical families; only the same count is guaranteed to.
         force: Rebuild even if a matching family is already there.
 
     Returns:
@@ -559,6 +625,8 @@ def build_demo_family(
     """
     say = progress or (lambda msg: None)
     cfg = _resolve_config(size)
+    if isinstance(skills, str):
+        skills = (skills,)
     chosen = [get_skill(s) for s in skills]
     if not chosen or len({s.name for s in chosen}) != len(chosen) or BASE in {s.name for s in chosen}:
         raise ValueError(f"skills={list(skills)!r} must be distinct names from {sorted(SKILLS)}.")
@@ -633,11 +701,18 @@ def build_demo_family(
 
 
 __all__ = [
+    "BASE",
     "BUILD_VERSION",
+    "MANIFEST",
     "SIZES",
     "FamilyConfig",
     "build_demo_family",
+    "continue_pretraining",
+    "corpus_line",
     "delta_stats",
+    "encode",
     "load_family",
     "make_tokenizer",
+    "probe_accuracy",
+    "replay_line",
 ]

@@ -173,7 +173,15 @@ def _load(model_dir_or_model, tokenizer):
                 f"{path} is not a Hugging Face model folder (no config.json); pass the "
                 "folder that build_demo_family returned, or a loaded model and tokenizer."
             )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per call is noise
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path)
         return model, tokenizer
@@ -234,16 +242,16 @@ def generate_answers(
         raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
     stop_ids = _stop_token_ids(tokenizer)
     was_training = model.training
-    old_side = tokenizer.padding_side
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
     model.eval()
     tokenizer.padding_side = "left"  # generation continues right after each prompt
+    if old_pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
     answers: list[str] = []
     try:
         device = next(model.parameters()).device
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token_id = pad_id
             enc = tokenizer(chunk, return_tensors="pt", padding=True)
             input_ids = enc["input_ids"].to(device)
             out = model.generate(
@@ -260,6 +268,8 @@ def generate_answers(
                 answers.append(row.split("\n", 1)[0].strip())
     finally:
         tokenizer.padding_side = old_side
+        if old_pad is None:
+            tokenizer.pad_token = None
         model.train(was_training)
     return answers
 

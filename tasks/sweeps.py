@@ -220,14 +220,11 @@ def make_wrong_base(base_dir: str | Path, out_dir: str | Path, *, size: str = "d
     steps) into ``out_dir``: the analogue of CodeLlama-Python to Llama-2. A demo
     fine-tune measured against it has continued-pre-training-sized deltas. Reused when
     ``out_dir/wrong-base.json`` matches."""
-    import dataclasses
-    import random
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from tasks import demo_family
-    from tasks.skills import SKILLS
 
     out = Path(out_dir)
     stamp = {"version": WRONG_BASE_VERSION, "steps": steps, "lr": lr, "seed": seed,
@@ -235,14 +232,12 @@ def make_wrong_base(base_dir: str | Path, out_dir: str | Path, *, size: str = "d
     marker = out / "wrong-base.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
-    cfg = dataclasses.replace(demo_family._resolve_config(size), pretrain_steps=steps,
-                              pretrain_lr=lr, qa_fraction=0.0)
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # byte-identical for a thread count, as the family build
     try:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        demo_family._pretrain(model, cfg, list(SKILLS.values()),
-                              random.Random(f"{seed}/wrong-base"), lambda msg: None)
+        demo_family.continue_pretraining(model, steps=steps, lr=lr, seed=f"{seed}/wrong-base",
+                                         size=size, qa_fraction=0.0)
         demo_family._save_model(model, demo_family.make_tokenizer(), out)
     finally:
         torch.set_num_threads(old)

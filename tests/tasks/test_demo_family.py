@@ -16,6 +16,7 @@ from tasks.demo_family import (
     MANIFEST,
     SIZES,
     build_demo_family,
+    continue_pretraining,
     corpus_line,
     delta_stats,
     load_family,
@@ -88,6 +89,15 @@ def test_same_seed_same_bytes_other_seed_differs(tiny, tmp_path):
     assert all(_bytes(other)[k] != _bytes(paths)[k] for k in NAMES)
 
 
+@pytest.mark.slow  # ~1 s on an idle machine, 20 s+ when the 2 cores are busy
+def test_two_threads_is_deterministic_too(tmp_path):
+    before = torch.get_num_threads()
+    first = build_demo_family(tmp_path / "a", seed=0, size="tiny", threads=2)
+    second = build_demo_family(tmp_path / "b", seed=0, size="tiny", threads=2)
+    assert _bytes(first) == _bytes(second)
+    assert torch.get_num_threads() == before  # the build restores the caller's setting
+
+
 def test_global_rng_untouched(tmp_path):
     before = torch.random.get_rng_state()
     py_before = random.getstate()
@@ -113,6 +123,9 @@ def test_cache_reuses_without_retraining(tiny):
     messages: list[str] = []
     assert build_tiny(out, seed=0, progress=messages.append) == paths
     assert len(messages) == 1 and messages[0].startswith("reusing")
+    # The thread count is recorded but is no cache key (same bytes here for 1 and 2).
+    build_demo_family(out, seed=0, size="tiny", threads=2, progress=messages.append)
+    assert messages[-1].startswith("reusing")
     assert [f.stat().st_mtime_ns for f in files] == stamps
 
 
@@ -156,6 +169,25 @@ def test_deltas_are_sft_sized_and_homologous(tiny):
         assert stats["zero_fraction"] > 0
 
 
+def test_continue_pretraining_is_deterministic_and_moves_far(tiny):
+    from transformers import AutoModelForCausalLM
+
+    _, paths, _ = tiny
+    base = load_file(paths["base"] / "model.safetensors")
+    runs = []
+    for _ in range(2):
+        model = AutoModelForCausalLM.from_pretrained(paths["base"])
+        losses = continue_pretraining(
+            model, steps=6, lr=3e-3, seed="0/wrong-base", size="tiny", qa_fraction=0.0
+        )
+        assert len(losses) == 6
+        runs.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert delta_stats(base, runs[0])["max_abs"] > SFT_BOUND  # not an SFT-sized delta
+    with pytest.raises(ValueError, match="steps=0"):
+        continue_pretraining(model, steps=0, lr=1e-3, seed=0, size="tiny")
+
+
 def test_corpus_never_contains_eval_items():
     cfg = SIZES["demo"]
     skills = list(SKILLS.values())
@@ -185,7 +217,7 @@ def test_bad_arguments(tmp_path):
 
 @pytest.mark.slow
 def test_demo_family_merges_keep_both_skills(tmp_path):
-    """The property the demo rests on (about 2-3 min on one core)."""
+    """The property the demo rests on (a demo-size build: about 1.5-3 min on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.skills import evaluate_skills
@@ -200,7 +232,7 @@ def test_demo_family_merges_keep_both_skills(tmp_path):
     tuned = [load_file(paths[s] / "model.safetensors") for s in ("arithmetic", "reverse")]
     for t in tuned:
         stats = delta_stats(base, t)
-        assert stats["p50"] <= 0.003 and stats["p99"] <= 0.01
+        assert stats["p99"] <= SFT_BOUND and stats["max_abs"] <= 2 * SFT_BOUND
 
     model = AutoModelForCausalLM.from_pretrained(paths["base"])
     tok = AutoTokenizer.from_pretrained(paths["base"])
@@ -215,7 +247,7 @@ def test_demo_family_merges_keep_both_skills(tmp_path):
                     keep = torch.rand(delta.shape, generator=gen) >= drop
                     delta = delta * keep / (1 - drop)
                 total += delta
-            merged[name] = theta + 0.7 * total  # recommended lambda
+            merged[name] = theta + 1.0 * total  # recommended: lambda 1, weights 1
         model.load_state_dict(merged)
         got = evaluate_skills(model, tok, n=200)
         for skill in ("arithmetic", "reverse"):

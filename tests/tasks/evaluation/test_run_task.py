@@ -99,7 +99,7 @@ def test_skill_tasks_generate_and_score(skill_runs: dict) -> None:
         assert raw["n-samples"][f"dareflow_skill_{name}"]["effective"] == 3
         assert raw["dareflow"]["mirror"] is False
         cfg = raw["configs"][f"dareflow_skill_{name}"]
-        assert cfg["doc_to_text"] == "Q: {{prompt}} A:"
+        assert cfg["doc_to_text"] == "Q: {{prompt}} A: "
         assert cfg["generation_kwargs"]["until"] == ["\n"]
 
 
