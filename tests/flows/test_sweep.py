@@ -186,7 +186,7 @@ def test_paper_findings(tmp_path_factory: pytest.TempPathFactory) -> None:
     # against the wrong base: large deltas, the gate fails, DARE breaks the model
     gate = wrong_out["delta_stats"]["gate"]
     assert gate["passed"] is False and "continued pre-training" in gate["message"]
-    assert gate["abs_p99"] > 0.03 and gate["relative_norm"] > 0.15
+    assert gate["abs_p99"] > 0.03 or gate["relative_norm"] > 0.15  # either refuses
     assert score(wrong, "dare", 0.0) >= 0.9
     assert score(wrong, "dare", 0.9) <= 0.1 < score(right, "dare", 0.9)
     stats = delta_stats.delta_stats(str(Path(root) / "base"), str(Path(root) / "arithmetic"))
