@@ -54,8 +54,8 @@ import torch
 
 from tasks.skills import SKILLS, Skill, get_skill
 
-#: Bump when anything that changes the built weights changes (corpus, training, init).
-BUILD_VERSION = 1
+#: Bump when anything that changes the built files changes (corpus, training, init, config).
+BUILD_VERSION = 2
 
 MANIFEST = "family.json"
 BASE = "base"
@@ -196,7 +196,9 @@ def _make_model(cfg: FamilyConfig, seed: int):
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=256,
+        # Training windows are short, but lm-eval sizes contexts from this: 2048 (as
+        # Llama-1) leaves room for the Open LLM Leaderboard's 256-token gsm8k answers.
+        max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=BOS_ID,
