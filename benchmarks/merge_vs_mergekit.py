@@ -52,7 +52,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.family import FamilySpec, generate_family
-from benchmarks.measure import RunStats, io_floor, run_measured
+from benchmarks.measure import RunStats, io_floor, run_measured, warm_inputs
 from benchmarks.report import (
     MERGES,
     WEIGHT,
@@ -395,11 +395,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                   fine_tunes)))
             df_out, mk_out = runs / f"{method}-dareflow", runs / f"{method}-mergekit"
             store = runs / "store"
-            per = results.setdefault(method, {"dareflow": [], "mergekit": [], "floor": []})
+            per = results.setdefault(method, {"dareflow": [], "mergekit": [], "floor": [],
+                                              "direct_floor": []})
             for rep in range(args.repeats):
                 _clean(df_out, mk_out, store)
-                settle(args.settle)
-                per["floor"].append(io_floor(inputs, str(runs / "io-floor.tmp"), out_bytes))
+                for kind, direct in (("floor", False), ("direct_floor", True)):
+                    settle(args.settle)
+                    warm_inputs(inputs)
+                    per[kind].append(io_floor(inputs, str(runs / "io-floor.tmp"), out_bytes,
+                                              direct=direct))
                 order = ["dareflow", "mergekit"] if rep % 2 == 0 else ["mergekit", "dareflow"]
                 for tool in order:
                     if tool == "mergekit" and not with_mergekit:
@@ -407,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                     target = df_out if tool == "dareflow" else mk_out
                     _clean(target, store)
                     settle(args.settle)
+                    warm_inputs(inputs)
                     if tool == "dareflow":
                         stats = run_dareflow(recipe_path, df_out, store, env,
                                              runs / f"{method}-dareflow.log")
@@ -422,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                         log("    dareflow phases: " + ", ".join(
                             f"{k} {v:.1f} s" for k, v in stats.phases.items()))
                 log(f"{method:16s} IO floor  rep {rep + 1}: {per['floor'][-1].wall_s:6.1f} s "
-                    f"wall, {per['floor'][-1].cpu_s:.1f} s CPU")
+                    f"wall, {per['floor'][-1].cpu_s:.1f} s CPU; with O_DIRECT writes "
+                    f"{per['direct_floor'][-1].wall_s:.1f} s wall")
             if not args.no_checks and with_mergekit:
                 ok, text = compare_outputs(method, family, df_out, mk_out)
                 checks.append((f"{method}: dareflow vs mergekit", ok, text))
@@ -444,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for method, per in results.items():
-        row = {"merge": method, "io_floor_wall": median([s.wall_s for s in per["floor"]])}
+        row = {"merge": method, "io_floor_wall": median([s.wall_s for s in per["floor"]]),
+               "direct_floor_wall": median([s.wall_s for s in per["direct_floor"]])}
         for tool in ("dareflow", "mergekit"):
             stats = per[tool]
             if stats:

@@ -199,21 +199,26 @@ def _fmt(value: float, spec: str) -> str:
 def format_table(rows: Sequence[Mapping[str, float]]) -> str:
     """The results table: one row per merge, medians over repeats.
 
-    Each row has ``merge``, ``dareflow_wall``, ``mergekit_wall``, ``io_floor_wall``,
+    Each row has ``merge``, ``dareflow_wall``, ``mergekit_wall``, ``io_floor_wall``
+    (buffered write), ``direct_floor_wall`` (``O_DIRECT`` write, optional),
     ``dareflow_cpu``, ``mergekit_cpu``, ``dareflow_rss``, ``mergekit_rss``,
     ``dareflow_anon``, ``mergekit_anon`` (seconds, MiB); missing values print as —.
     """
     header = ["merge", "dareflow s", "mergekit s", "speedup", "IO floor s", "dareflow/floor",
-              "CPU s df/mk", "peak RSS MiB df/mk", "peak anon MiB df/mk"]
+              "direct floor s", "df/direct floor", "CPU s df/mk", "peak RSS MiB df/mk",
+              "peak anon MiB df/mk"]
     lines = []
     for r in rows:
         df, mk, floor = r.get("dareflow_wall"), r.get("mergekit_wall"), r.get("io_floor_wall")
+        direct = r.get("direct_floor_wall")
         nan = float("nan")
         speedup = mk / df if df and mk else nan
         vs_floor = df / floor if df and floor else nan
+        vs_direct = df / direct if df and direct else nan
         lines.append([
             r["merge"], _fmt(df, ".1f"), _fmt(mk, ".1f"), _fmt(speedup, ".1f") + "x",
             _fmt(floor, ".1f"), _fmt(vs_floor, ".2f") + "x",
+            _fmt(direct, ".1f"), _fmt(vs_direct, ".2f") + "x",
             f"{_fmt(r.get('dareflow_cpu'), '.1f')} / {_fmt(r.get('mergekit_cpu'), '.1f')}",
             f"{_fmt(r.get('dareflow_rss'), '.0f')} / {_fmt(r.get('mergekit_rss'), '.0f')}",
             f"{_fmt(r.get('dareflow_anon'), '.0f')} / {_fmt(r.get('mergekit_anon'), '.0f')}",

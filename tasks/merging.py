@@ -326,7 +326,7 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
         m.model: Checkpoint.open(plan.model_uris[m.model]) for m in fine_tunes(recipe)
     }).values())
     reference = base if base is not None else models[0]
-    head, views, data = _shard_buffer(
+    views, buffer, size = _shard_buffer(
         {name: reference.info(name).shape for name in job.tensors}, spec.out_dtype)
     with _one_torch_thread():
         for name in job.tensors:
@@ -335,8 +335,8 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
             merge_tensor(name, base_t, finetuned, spec, out=views[name])
             del base_t, finetuned
     shard, sidecar = unit_uris(plan.store_uri, job.key)
-    sha256, nbytes = _write_shard_bytes(shard, head, data)
-    del views, data
+    sha256, nbytes = _write_shard_bytes(shard, buffer, size)
+    del views, buffer
     _fault_point("shard-written")
     record = {"unit": job.unit, "key": job.key, "file": shard_name(job.unit), "uri": shard,
               "sha256": sha256, "nbytes": nbytes, "tensors": list(job.tensors)}
@@ -376,15 +376,17 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 def _shard_buffer(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
-                  ) -> tuple[bytes, dict[str, torch.Tensor], memoryview]:
-    """The unit's shard laid out in memory before the math runs.
+                  ) -> tuple[dict[str, torch.Tensor], memoryview, int]:
+    """The unit's whole shard file laid out in memory before the math runs.
 
-    Returns the safetensors head (exactly what ``assemble.write_shard`` writes for
-    these tensors and ``{"format": "pt"}``: one dtype, so safetensors orders them by
-    name), a view per tensor into one data buffer, and the buffer's bytes. The math
-    writes straight into the views, so the unit is never copied to be serialised, and
-    the buffer is reused by the next unit of the same worker thread: faulting in fresh
-    memory for every output costs more than the math on the benchmark VM.
+    Returns a view per tensor into the buffer, the buffer and the file's size. The
+    buffer holds exactly the bytes ``assemble.write_shard`` writes for these tensors
+    and ``{"format": "pt"}`` (one dtype, so safetensors orders them by name): the
+    header first, then the data the math writes straight into through the views, so
+    the unit is never copied to be serialised. The buffer is page-aligned for direct
+    IO (``storage.write_buffer_atomic``) and reused by the next unit of the same
+    worker thread: faulting in fresh memory for every output costs more than the math
+    on the benchmark VM.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
@@ -398,24 +400,27 @@ def _shard_buffer(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
     header = {"__metadata__": {"format": "pt"}, **entries}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
+    head = struct.pack("<Q", len(text)) + text
+    total = len(head) + offset
+    capacity = -(-total // storage.DIRECT_ALIGN) * storage.DIRECT_ALIGN
     buffer = getattr(_SHARD_BUFFERS, "buffer", None)
-    if buffer is None or buffer.numel() < offset:
+    if buffer is None or len(buffer) < capacity:
         _SHARD_BUFFERS.buffer = buffer = None  # free the old one first
-        _SHARD_BUFFERS.buffer = buffer = torch.empty(offset, dtype=torch.uint8)
-    views = {name: buffer[offsets[name]:offsets[name] + math.prod(shapes[name]) * itemsize]
+        _SHARD_BUFFERS.buffer = buffer = storage.aligned_buffer(capacity)
+    buffer[: len(head)] = head
+    data = torch.frombuffer(buffer, dtype=torch.uint8, count=offset, offset=len(head)) \
+        if offset else torch.empty(0, dtype=torch.uint8)
+    views = {name: data[offsets[name]:offsets[name] + math.prod(shapes[name]) * itemsize]
              .view(dtype).reshape(shapes[name]) for name in shapes}
-    return struct.pack("<Q", len(text)) + text, views, memoryview(buffer.numpy())[:offset]
+    return views, buffer, total
 
 
-def _write_shard_bytes(uri: str, head: bytes, data: memoryview) -> tuple[str, int]:
-    """Write ``head + data`` atomically; (sha256, size) as ``assemble.write_shard``."""
-    digest = hashlib.sha256(head)
-    digest.update(data)
-    with storage.open_write_atomic(uri) as f:
-        f.write(head)
-        _fault_point("shard-half-written")
-        f.write(data)
-    return digest.hexdigest(), len(head) + len(data)
+def _write_shard_bytes(uri: str, buffer: memoryview, size: int) -> tuple[str, int]:
+    """Write ``buffer[:size]`` atomically; (sha256, size) as ``assemble.write_shard``."""
+    sha256 = hashlib.sha256(buffer[:size]).hexdigest()
+    storage.write_buffer_atomic(uri, buffer, size,
+                                midway=lambda: _fault_point("shard-half-written"))
+    return sha256, size
 
 
 def _input_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:

@@ -56,13 +56,16 @@ def test_recipes_are_valid_and_name_both_fine_tunes(method):
 def test_format_table_has_speedup_and_floor_ratio():
     table = format_table([
         {"merge": "dare_ties", "dareflow_wall": 10.0, "mergekit_wall": 45.0,
-         "io_floor_wall": 5.0, "dareflow_cpu": 15.0, "mergekit_cpu": 40.0,
+         "io_floor_wall": 5.0, "direct_floor_wall": 4.0, "dareflow_cpu": 15.0,
+         "mergekit_cpu": 40.0,
          "dareflow_rss": 900.0, "mergekit_rss": 4000.0, "dareflow_anon": 500.0,
          "mergekit_anon": 3500.0},
         {"merge": "ties", "dareflow_wall": 12.0, "io_floor_wall": 5.0},
     ])
     lines = table.splitlines()
-    assert len(lines) == 4 and "4.5x" in lines[2] and "2.00x" in lines[2]
+    assert len(lines) == 4 and "direct floor s" in lines[0]
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:8] == ["dare_ties", "10.0", "45.0", "4.5x", "5.0", "2.00x", "4.0", "2.50x"]
     assert "—" in lines[3]
 
 
@@ -99,10 +102,11 @@ def test_run_measured_reports_time_cpu_and_memory(tmp_path):
     assert stats.maxrss_mb >= 64
 
 
-def test_io_floor_reads_inputs_and_removes_its_output(tmp_path):
+@pytest.mark.parametrize("direct", [False, True])
+def test_io_floor_reads_inputs_and_removes_its_output(tmp_path, direct):
     src = tmp_path / "in.bin"
     src.write_bytes(b"x" * 100_000)
-    stats = io_floor([str(src)], str(tmp_path / "out.tmp"), 50_000)
+    stats = io_floor([str(src)], str(tmp_path / "out.tmp"), 50_001, direct=direct)
     assert stats.wall_s > 0 and not (tmp_path / "out.tmp").exists()
 
 

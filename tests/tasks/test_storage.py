@@ -249,3 +249,74 @@ def test_s3_missing_key_error_names_uri(s3_store):
         storage.read_bytes(uri, 0, 8, **opts)
     assert "'s3://dareflow-test/no/such/key.safetensors'" in str(err.value)
     assert not storage.exists(uri, **opts)
+
+
+# ---------------------------------------------------------------- direct (O_DIRECT) writes
+
+
+def _direct_io_possible(folder) -> bool:
+    """Whether this folder's filesystem accepts O_DIRECT (ext4/xfs do, tmpfs does not)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    probe = os.path.join(folder, f"probe-{uuid.uuid4().hex}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | flag, 0o644))
+    except OSError:
+        return False
+    os.remove(probe)
+    return True
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 4095, 4096, 4097, 3 * 4096 + 5, 1 << 20])
+def test_write_buffer_atomic_exact_bytes_any_size(tmp_path, size):
+    buffer = storage.aligned_buffer(-(-size // storage.DIRECT_ALIGN) * storage.DIRECT_ALIGN)
+    buffer[:size] = os.urandom(size)
+    buffer[size:] = b"\xff" * (len(buffer) - size)  # padding must not reach the file
+    uri = str(tmp_path / "sub" / "shard.bin")
+    how = storage.write_buffer_atomic(uri, buffer, size)
+    assert (tmp_path / "sub" / "shard.bin").read_bytes() == bytes(buffer[:size])
+    assert os.listdir(tmp_path / "sub") == ["shard.bin"]  # no temporary left
+    expected = "direct" if size and _direct_io_possible(tmp_path) else "buffered"
+    assert how == expected
+
+
+def test_write_buffer_atomic_unaligned_buffer_falls_back(tmp_path):
+    # a view one byte into an aligned buffer: O_DIRECT would refuse it
+    base = storage.aligned_buffer(3 * storage.DIRECT_ALIGN)
+    base[:] = os.urandom(len(base))
+    view = base[1:]
+    uri = str(tmp_path / "x.bin")
+    assert storage.write_buffer_atomic(uri, view, 5000) == "buffered"
+    assert (tmp_path / "x.bin").read_bytes() == bytes(base[1:5001])
+
+
+def test_write_buffer_atomic_failure_midway_keeps_the_old_file(tmp_path):
+    target = tmp_path / "shard.bin"
+    target.write_bytes(b"old contents")
+    buffer = storage.aligned_buffer(4 * storage.DIRECT_ALIGN)
+    buffer[:] = os.urandom(len(buffer))
+
+    def fail():
+        raise RuntimeError("killed between the halves")
+
+    with pytest.raises(RuntimeError, match="killed between the halves"):
+        storage.write_buffer_atomic(str(target), buffer, 10_000, midway=fail)
+    assert target.read_bytes() == b"old contents"
+    assert os.listdir(tmp_path) == ["shard.bin"]
+
+
+def test_write_buffer_atomic_rejects_a_size_outside_the_buffer(tmp_path):
+    buffer = storage.aligned_buffer(100)
+    with pytest.raises(ValueError, match=r"size 101 is outside the buffer \(0\.\.100 bytes\)"):
+        storage.write_buffer_atomic(str(tmp_path / "a"), buffer, 101)
+    assert not (tmp_path / "a").exists()
+
+
+def test_write_buffer_atomic_to_s3(s3_store):
+    bucket, options = s3_store
+    buffer = storage.aligned_buffer(2 * storage.DIRECT_ALIGN)
+    buffer[:] = os.urandom(len(buffer))
+    uri = f"{bucket}/direct/{uuid.uuid4().hex}.bin"
+    assert storage.write_buffer_atomic(uri, buffer, 5000, **options) == "buffered"
+    assert storage.read_bytes(uri, **options) == bytes(buffer[:5000])
