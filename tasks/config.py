@@ -281,8 +281,7 @@ def mask_id(model: str) -> str:
     model is read from the Hub, a mirror, or a folder on another machine.
     """
     text = model.rstrip("/")
-    if text.startswith("hf://"):
-        text = text[len("hf://"):]
+    text = text.removeprefix("hf://")
     local_or_s3 = "://" in text or text.startswith(("/", ".", "~")) or text.count("/") != 1
     if local_or_s3:
         return text.rsplit("/", 1)[-1]
@@ -327,8 +326,7 @@ def _format_pydantic(error: ValidationError) -> list[str]:
                 "weight", "density", "drop_rate"):
             msg = ("a list (mergekit's per-layer gradient) is not supported; give one "
                    f"number (got {e['input']!r})")
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+        msg = msg.removeprefix("Value error, ")
         given = e.get("input")
         if (e["type"] not in ("missing",) and not isinstance(given, (dict, list))
                 and f"'{given}'" not in msg):

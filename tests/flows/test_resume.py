@@ -101,7 +101,7 @@ def test_killed_during_assembly_publishes_nothing_then_completes(
 def test_deleted_unit_is_recomputed_not_reported_cached(pico_family, tmp_path, reference):
     recipe, store = _recipe(pico_family, tmp_path), tmp_path / "store"
     run_merge(str(recipe), str(tmp_path / "first"), store=str(store))
-    victim = sorted(store.glob("units/*/*.safetensors"))[0]
+    victim = min(store.glob("units/*/*.safetensors"))
     victim.unlink()
     result = run_merge(str(recipe), str(tmp_path / "second"), store=str(store))
     assert sum(not c for c in result["cached"].values()) == 1
