@@ -261,11 +261,17 @@ def _direct_io_possible(folder) -> bool:
         return False
     probe = os.path.join(folder, f"probe-{uuid.uuid4().hex}")
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | flag, 0o644))
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | flag, 0o644)
     except OSError:
         return False
-    os.remove(probe)
-    return True
+    try:
+        os.write(fd, storage.aligned_buffer(storage.DIRECT_ALIGN))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.remove(probe)
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 4095, 4096, 4097, 3 * 4096 + 5, 1 << 20])
