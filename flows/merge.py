@@ -6,6 +6,7 @@ one shard) → assemble and publish the HF folder.
 """
 
 import contextlib
+import json
 import os
 from typing import Any
 
@@ -82,13 +83,20 @@ def result_storage(store: str):
     from prefect.filesystems import RemoteFileSystem
 
     from tasks import storage
+    from tasks.s3config import storage_options_for
 
     uri = storage.join(store, "prefect-results")
     fs, path = storage.get_fs(uri)
     if storage._is_local(fs):
         return Path(path)
-    block = RemoteFileSystem(basepath=uri)
-    name = "dareflow-results-" + hashlib.sha256(uri.encode()).hexdigest()[:12]
+    # The endpoint and client config (never the credentials) go into the block: fsspec
+    # reuses a cached s3fs instance for equal arguments, so without them a process that
+    # once wrote to another endpoint would keep writing its results there.
+    public = {k: v for k, v in storage_options_for(uri).items()
+              if k in ("endpoint_url", "config_kwargs", "anon", "profile")}
+    block = RemoteFileSystem(basepath=uri, settings=public)
+    name = "dareflow-results-" + hashlib.sha256(
+        json.dumps([uri, public], sort_keys=True).encode()).hexdigest()[:12]
     block.save(name, overwrite=True)
     return block
 
