@@ -276,8 +276,10 @@ def cuda_section(family: dict[str, Path], merges: list[str]) -> None:
     """Merge throughput with the math on CUDA vs the GPU's memory bandwidth.
 
     Tensors are read on the CPU, copied to the GPU, merged there with the same
-    ``merge_tensor`` (DARE masks drawn on the CPU with the same Philox streams and
-    copied over), and one tensor per merge is checked byte-identical to the CPU result.
+    ``merge_tensor`` (DARE masks drawn on the GPU from the same Philox-4x32 counters
+    as on the CPU), and one tensor per merge is compared byte for byte with the CPU
+    result (the ``l1`` rescale's float64 sums run in another order on the GPU, so a
+    last-bit difference of the factor is possible there).
     """
     import torch
     from safetensors import safe_open
@@ -327,7 +329,7 @@ def cuda_section(family: dict[str, Path], merges: list[str]) -> None:
                 log(f"  {method}: {name} identical to the CPU result: {same}")
         log(f"  {method}: {moved / 1e9:.1f} GB touched in {seconds:.2f} s = "
             f"{moved / seconds / 1e9:.1f} GB/s ({moved / seconds / bandwidth:.1%} of copy "
-            f"bandwidth; DARE masks come from the CPU's Philox)")
+            f"bandwidth; DARE masks drawn on the GPU)")
 
 
 # ----------------------------------------------------------------------------- main

@@ -43,7 +43,10 @@ from tasks.plan import plan_units
 #: part of every cache key and recorded in the model card.
 #: "2": the l1 rescale's float64 sums run in fixed 32768-element blocks (before: one
 #: torch reduction whose order followed the thread count); other outputs unchanged.
-MERGE_CODE_VERSION = "2"
+#: "3": DARE masks from Philox-4x32-10 by element index (before: numpy's Philox-4x64
+#: streams in 4 Mi-element chunks); each L1 block summed in eight lanes. Every DARE
+#: output changes; methods without DARE or the l1 rescale are unchanged.
+MERGE_CODE_VERSION = "3"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}

@@ -1,6 +1,7 @@
 """Pure merge math for dareflow: masks, sparsification, fusion, the methods table.
 
-Pure torch + numpy; never imports prefect, fsspec, yaml, lm_eval or pydantic.
+Pure torch + numpy (+ numba-compiled CPU kernels); never imports prefect, fsspec,
+yaml, lm_eval or pydantic.
 """
 
 from tasks.merge_math.fuse import (
@@ -12,7 +13,7 @@ from tasks.merge_math.fuse import (
     task_arithmetic,
     ties_consensus,
 )
-from tasks.merge_math.masks import CHUNK_ELEMENTS, derive_key, keep_mask
+from tasks.merge_math.masks import derive_key, keep_mask
 from tasks.merge_math.methods import (
     MERGELM_TIES_TRIM,
     METHODS,
@@ -33,7 +34,6 @@ from tasks.merge_math.sparsify import (
 )
 
 __all__ = [
-    "CHUNK_ELEMENTS",
     "L1_EPS",
     "MERGELM_TIES_TRIM",
     "METHODS",

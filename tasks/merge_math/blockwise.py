@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.merge_math.masks import CHUNK_ELEMENTS, MaskStream, derive_key
+from tasks.merge_math import kernels
+from tasks.merge_math.masks import MaskStream, derive_key
 from tasks.merge_math.sparsify import L1_BLOCK, L1_EPS, l1_block_sum, magnitude_keep_count
 
 __all__ = ["BLOCK_ELEMENTS", "NonFiniteInput", "merge_blockwise", "supports_blockwise"]
@@ -52,8 +53,8 @@ BLOCK_ELEMENTS = L1_BLOCK
 #: threads: 2.65 s -> 1.55 s). Still a multiple of the L1 block and a divisor of the
 #: mask chunk.
 SERIAL_BLOCK_ELEMENTS = 1 << 18
-#: Elements per block on accelerators (one mask chunk: big kernels, few launches).
-DEVICE_BLOCK_ELEMENTS = CHUNK_ELEMENTS
+#: Elements per block on accelerators (big kernels, few launches).
+DEVICE_BLOCK_ELEMENTS = 1 << 22
 
 # float dtypes whose promotion to float32 inside an op is an exact upcast, so
 # ``torch.sub(bf16, f32)`` equals ``bf16.to(f32) - f32`` bit for bit.
@@ -84,9 +85,6 @@ class _Model:
     drop_rate: float
     stream: MaskStream | None = None
     l1_factor: float | None = None  # multiply kept deltas by it (l1 rescale)
-    # masks drawn by the l1 pass, bit-packed per block, replayed by the final pass
-    # (n / 8 bytes per model instead of drawing every Philox value twice)
-    packed: dict[int, np.ndarray] | None = None
     # magnitude selection (TIES trim or MP): keep |δ| > kth, then the first
     # `ties_to_keep` entries equal to kth in flat order
     trim_rate: float = 0.0
@@ -134,8 +132,7 @@ class _Merge:
         self.flag = torch.empty(block, dtype=torch.bool, device=self.device)
         self.keep = torch.empty(block, **f32)
         self.ones = torch.ones(block, **f32)
-        self.keep_np = np.empty(block, dtype=np.bool_)
-        self.keep_f32 = np.empty(block, dtype=np.float32)
+        self.draws_np = np.empty(block, dtype=np.uint32) if self.device.type == "cpu" else None
         blocks = -(-self.n // block)
         self.lo = torch.empty((blocks, len(self.models) + 1), **f32)
         self.hi = torch.empty((blocks, len(self.models) + 1), **f32)
@@ -161,30 +158,22 @@ class _Merge:
         return d
 
     def _keep(self, model: _Model, start: int, stop: int) -> torch.Tensor:
-        """The DARE keep mask of the block as float32 1/0 (bool ops are slow in torch)."""
-        count = stop - start
-        if model.packed is not None and start in model.packed:
-            keep = np.unpackbits(model.packed.pop(start), count=count).view(np.bool_)
-        else:
-            keep = model.stream.block(start, stop, out=self.keep_np)
-            if model.packed is not None:
-                model.packed[start] = np.packbits(keep)
-        np.copyto(self.keep_f32[:count], keep, casting="unsafe")
-        mask = torch.from_numpy(self.keep_f32[:count])
-        if self.device.type != "cpu":
-            mask = mask.to(self.device)
-        return mask
+        """The DARE keep mask of the block as float32 1/0, drawn on the tensors' device."""
+        return model.stream.keep_on(self.device, start, stop)
 
     # ------------------------------------------------------------------ sparsify
 
     def _dare(self, model: _Model, d: torch.Tensor, start: int, stop: int,
-              l1_sums: list[float] | None = None) -> None:
+              l1_sums: list[float] | np.ndarray | None = None) -> None:
         """DARE on the block in place: drop, then rescale (sparsify.dare)."""
         p = model.drop_rate
         if p == 0.0:
             return
         if p == 1.0:
             d.zero_()
+            return
+        if self._fused(model):
+            self._dare_cpu(model, d.numpy(), start, stop, l1_sums)
             return
         if l1_sums is not None:
             l1_sums[0] += self._l1(d)
@@ -198,6 +187,28 @@ class _Merge:
                 l1_sums[1] += self._l1(d)
             elif model.l1_factor is not None:
                 d.mul_(model.l1_factor)
+
+    def _fused(self, model: _Model) -> bool:
+        """Whether the model's DARE runs in the fused CPU kernels (:mod:`kernels`)."""
+        return (self.device.type == "cpu" and model.stream is not None
+                and 0 < model.stream.threshold < 2**32)
+
+    def _dare_cpu(self, model: _Model, d: np.ndarray, start: int, stop: int,
+                  l1_sums: np.ndarray | None) -> None:
+        """:meth:`_dare` with the fused kernels: one pass per mask piece."""
+        stream = model.stream
+        draws = stream.draws(start, stop, out=self.draws_np)
+        if l1_sums is not None:  # the l1 statistics; the final pass draws the mask again
+            kernels.dare_l1_pass(d, draws, stream.threshold, start, self.n, L1_BLOCK, l1_sums)
+            return
+        factor = model.l1_factor
+        if self.rescale == "inverse":
+            mode, value = kernels.DIVIDE, 1.0 - model.drop_rate
+        elif self.rescale == "l1" and factor is not None:
+            mode, value = kernels.MULTIPLY, factor
+        else:
+            mode, value = kernels.KEEP, 1.0
+        kernels.dare_apply(d, draws, stream.threshold, value, mode)
 
     def _l1(self, d: torch.Tensor) -> float:
         """Σ|d| of the block, as sparsify.l1_norm sums it (blocks of L1_BLOCK, in order)."""
@@ -259,16 +270,16 @@ class _Merge:
         live = [k for k, m in enumerate(self.models) if 0.0 < m.drop_rate < 1.0]
         if not live:
             return
-        sums = {k: [0.0, 0.0] for k in live}
-        for k in live:
-            self.models[k].packed = {}
+        # per model: [Σ|δ|, Σ|kept|] (torch ops), or the fused kernels' state array
+        sums = {k: np.zeros(kernels.L1_STATE) if self._fused(self.models[k]) else [0.0, 0.0]
+                for k in live}
         for start, stop in self._blocks():
             b = self._base_block(start, stop)
             for k in live:
                 d = self._raw_delta(k, start, stop, b)
                 self._dare(self.models[k], d, start, stop, l1_sums=sums[k])
         for k in live:
-            before, after = sums[k]
+            before, after = (float(v) for v in sums[k][-2:])
             self.models[k].l1_factor = None if after < L1_EPS else before / after
 
     def select_pass(self) -> None:
@@ -422,14 +433,15 @@ def merge_blockwise(name: str, base: torch.Tensor | None, finetuned: Sequence[to
         out: Optional output tensor of shape S and ``spec.out_dtype``.
         block: Elements per block (default on CPU :data:`BLOCK_ELEMENTS`, or
             :data:`SERIAL_BLOCK_ELEMENTS` when torch uses one thread;
-            :data:`DEVICE_BLOCK_ELEMENTS` elsewhere). Any even size gives the same
-            bytes; a multiple of :data:`L1_BLOCK` dividing the mask chunk is fastest.
+            :data:`DEVICE_BLOCK_ELEMENTS` elsewhere). Any multiple of 8 gives the same
+            bytes.
 
     Returns:
         The merged tensor, shape S, dtype ``spec.out_dtype``, on the inputs' device.
 
     Raises:
         NonFiniteInput: an input or delta has NaN/Inf (rerun the reference path).
+        ValueError: ``block`` is not a positive multiple of 8.
     """
     device = finetuned[0].device
     if block is None:
@@ -437,6 +449,8 @@ def merge_blockwise(name: str, base: torch.Tensor | None, finetuned: Sequence[to
             block = DEVICE_BLOCK_ELEMENTS
         else:
             block = BLOCK_ELEMENTS if torch.get_num_threads() > 1 else SERIAL_BLOCK_ELEMENTS
+    if isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % 8:
+        raise ValueError(f"block must be a positive multiple of 8, got {block!r}")
     if out is None:
         out = torch.empty(finetuned[0].shape, dtype=spec.out_dtype, device=device)
     if finetuned[0].numel() == 0:

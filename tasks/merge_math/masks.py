@@ -3,52 +3,48 @@
 The mask of tensor T of model k depends only on ``(run seed, model id, tensor name)``
 (through :func:`derive_key`), the number of elements and the drop rate. It never
 touches torch's global RNG, so it is the same whatever the thread count, the worker
-count, the order in which tensors are merged or the machine. That is what makes a
-per-layer merge task pure, cacheable and resumable.
+count, the order in which tensors are merged, the device or the machine. That is
+what makes a per-layer merge task pure, cacheable and resumable.
 
-Generator: numpy's Philox-4x64 counter-based bit generator, keyed by the 128-bit
-key, read through ``random_raw`` (a fixed algorithm; numpy keeps bit-generator
-streams stable, unlike ``Generator`` methods). Each uint64 draw gives two uint32
-values (low half first); element ``i`` is kept iff its uint32 is ``>= t`` with the
-integer threshold ``t = round(p * 2**32)``, so P(drop) = t / 2**32 (resolution
-2**-32, never a bf16/fp16 uniform).
-
-Elements are drawn in chunks of :data:`CHUNK_ELEMENTS`; chunk ``c`` uses a fresh
-Philox with counter ``c << 192`` (chunk index in the top counter word), so chunks
-are independent streams and a later optimisation can fill them in parallel
-without changing a single bit. The result depends on nothing but that constant.
+Generator: Philox-4x32-10 (Salmon et al., SC 2011; the counter-based generator of
+Random123, cuRAND and PyTorch's CUDA RNG), checked against Random123's known-answer
+vectors. The 128-bit key's low 64 bits are the Philox key; its high 64 bits are
+counter words 2-3, and the element group ``j = i // 4`` is counter words 0-1.
+Element ``i`` takes output word ``i % 4`` and is kept iff that uint32 is ``>= t``
+with the integer threshold ``t = round(p * 2**32)``, so P(drop) = t / 2**32
+(resolution 2**-32, never a bf16/fp16 uniform). Any element range is computed
+directly (no stream to advance), on the CPU by a compiled kernel
+(:func:`kernels.philox_fill`) and on accelerators by the same rounds in torch
+integer ops (:func:`philox_draws_torch`), bit for bit the same.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from tasks.merge_math.kernels import philox_fill
+
 __all__ = [
-    "CHUNK_ELEMENTS",
     "KEY_BITS",
     "MaskStream",
     "derive_key",
     "drop_threshold",
     "keep_mask",
+    "philox_draws_torch",
+    "philox_words",
 ]
 
-#: Elements per independently keyed chunk. Changing it changes every mask:
-#: bump the code version of cached merge outputs if you ever do.
-CHUNK_ELEMENTS = 2**22
-
-#: Width of the key returned by :func:`derive_key` (Philox takes a 128-bit key).
+#: Width of the key returned by :func:`derive_key` (the Philox key and counter
+#: words 2-3, 64 bits each).
 KEY_BITS = 128
 
 _KEY_DOMAIN = b"dareflow/merge_math/keep_mask/v1"
 _UINT32_LEVELS = 2**32
-_LOW32 = np.uint64(0xFFFFFFFF)
-_SHIFT32 = np.uint64(32)
 
 
 def _field(value: bytes) -> bytes:
@@ -69,7 +65,7 @@ def derive_key(seed: int, model_id: str, tensor_name: str) -> int:
             ``"model.layers.3.mlp.up_proj.weight"``.
 
     Returns:
-        An int in ``[0, 2**128)``, the Philox key for :func:`keep_mask`.
+        An int in ``[0, 2**128)``, the mask key for :func:`keep_mask`.
 
     Raises:
         TypeError: If ``seed`` is not an int or a name is not a str.
@@ -111,37 +107,60 @@ def drop_threshold(drop_rate: float) -> int:
     return min(_UINT32_LEVELS, max(0, round(p * _UINT32_LEVELS)))
 
 
-def _uint32_stream(key: int, chunk: int, count: int) -> np.ndarray:
-    """``count`` uint32 values of chunk ``chunk``: low then high half of each uint64."""
-    return _uint32_values(np.random.Philox(key=key, counter=chunk << 192), count)
+def philox_words(key: int) -> tuple[int, int, int, int]:
+    """The mask key as Philox words ``(k0, k1, n0, n1)``: key, then counter words 2-3."""
+    return tuple((key >> shift) & 0xFFFFFFFF for shift in (0, 32, 64, 96))  # type: ignore[return-value]
 
 
-def _uint32_values(bit_generator: np.random.Philox, count: int) -> np.ndarray:
-    """The next ``count`` uint32 values of ``bit_generator`` (``ceil(count / 2)`` draws)."""
-    raw = bit_generator.random_raw((count + 1) // 2)
-    if sys.byteorder == "little":
-        values = raw.view(np.uint32)
-    else:  # same values, spelled out: element 2i = low word, 2i+1 = high word
-        values = np.stack([(raw & _LOW32), (raw >> _SHIFT32)], axis=1).astype(np.uint32).ravel()
-    return values[:count]
+# the Philox-4x32 multipliers split in 16-bit halves: torch has no unsigned 64-bit
+# multiply, and a 32x16-bit product fits in int64 without overflow
+_MULS = ((0xD2511F53 >> 16, 0xD2511F53 & 0xFFFF), (0xCD9E8D57 >> 16, 0xCD9E8D57 & 0xFFFF))
+_BUMPS = (0x9E3779B9, 0xBB67AE85)
+_M32 = 0xFFFFFFFF
 
 
-#: uint32 values drawn per ``random_raw`` call when filling a mask: one call for a
-#: whole 2**22-element chunk is ~8x slower here than calls of this size (a fresh 16 MB
-#: output array per call), and the stream is the same either way.
-_DRAW_ELEMENTS = 1 << 16
+def _mulhilo(value: torch.Tensor, halves: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    high_half, low_half = halves
+    low = value * low_half  # < 2**48
+    high = value * high_half  # < 2**48
+    hi = (high + (low >> 16)) >> 16
+    lo = (((high & 0xFFFF) << 16) + low) & _M32
+    return hi, lo
+
+
+def philox_draws_torch(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """The uint32 draws of flat elements ``[start, stop)`` (as int64), computed on ``device``.
+
+    The same values as :func:`kernels.philox_fill`, with torch integer ops, so masks
+    are drawn where the tensors live (a GPU merge never waits on the CPU for them).
+    """
+    k0, k1, n0, n1 = philox_words(key)
+    first, last = start // 4, (stop + 3) // 4
+    j = torch.arange(first, last, dtype=torch.int64, device=device)
+    c0, c1 = j & _M32, j >> 32
+    c2, c3 = torch.full_like(j, n0), torch.full_like(j, n1)
+    a, b = k0, k1
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, _MULS[0])
+        hi1, lo1 = _mulhilo(c2, _MULS[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ a, lo1, hi0 ^ c3 ^ b, lo0
+        a = (a + _BUMPS[0]) & _M32
+        b = (b + _BUMPS[1]) & _M32
+    words = torch.stack([c0, c1, c2, c3], dim=1).reshape(-1)
+    return words[start - 4 * first : stop - 4 * first]
+
+
+#: Draws per call of the compiled generator when a whole mask is built (bounds the
+#: temporary uint32 buffer of :func:`keep_mask` to 4 MiB).
+_FILL_ELEMENTS = 1 << 20
 
 
 class MaskStream:
     """Keep-mask blocks of one tensor, any element range, in any order.
 
     ``block(start, stop)`` gives exactly ``keep_mask(...).flatten()[start:stop]``
-    without drawing the rest: element ``i`` lies in chunk ``i // CHUNK_ELEMENTS`` at
-    offset ``o``; its uint32 is half of uint64 draw ``o // 2`` of that chunk's Philox,
-    and Philox counter ``(chunk << 192) + j`` starts at draw ``4 j``. Consecutive
-    blocks reuse one generator (creating one costs ~30 us).
-
-    Not thread-safe: use one stream per thread.
+    without drawing the rest (counter-based: element ``i``'s draw depends only on the
+    key and ``i``).
     """
 
     def __init__(self, key: int, drop_rate: float) -> None:
@@ -150,10 +169,21 @@ class MaskStream:
                 f"key must be an int in [0, 2**{KEY_BITS}) (see derive_key), got {key!r}"
             )
         self.key = key
+        self.words = philox_words(key)
         self.threshold = drop_threshold(drop_rate)
-        self._t = np.uint32(min(self.threshold, _UINT32_LEVELS - 1))
-        self._generator: np.random.Philox | None = None
-        self._next = -1  # element index the generator's next draw starts at
+
+    def draws(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The uint32 draws of flat elements ``[start, stop)`` (kept iff ``>= threshold``).
+
+        Args:
+            start, stop: Flat element range, ``0 <= start <= stop``.
+            out: Optional uint32 buffer of at least ``stop - start`` elements.
+        """
+        if not 0 <= start <= stop:
+            raise ValueError(f"mask range must satisfy 0 <= start <= stop, got [{start}, {stop})")
+        values = np.empty(stop - start, dtype=np.uint32) if out is None else out[: stop - start]
+        philox_fill(values, start, *self.words)
+        return values
 
     def block(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """The keep mask (``numpy.bool_``, True = kept) of flat elements ``[start, stop)``.
@@ -170,36 +200,22 @@ class MaskStream:
         if self.threshold == _UINT32_LEVELS:
             keep.fill(False)
             return keep
-        position = start
-        while position < stop:
-            chunk, offset = divmod(position, CHUNK_ELEMENTS)
-            end = min(stop, (chunk + 1) * CHUNK_ELEMENTS)
-            self._seek(chunk, offset)
-            done = position - start
-            while position < end:
-                step = min(end - position, _DRAW_ELEMENTS)
-                values = _uint32_values(self._generator, step)
-                np.greater_equal(values, self._t, out=keep[done:done + step])
-                position += step
-                done += step
-            # an odd step consumed half a draw: the stream cannot continue from here
-            self._next = position if position % 2 == 0 else -1
+        buffer = np.empty(min(count, _FILL_ELEMENTS), dtype=np.uint32)
+        for offset in range(0, count, _FILL_ELEMENTS):
+            piece = min(count - offset, _FILL_ELEMENTS)
+            values = self.draws(start + offset, start + offset + piece, out=buffer)
+            np.greater_equal(values, np.uint32(self.threshold), out=keep[offset:offset + piece])
         return keep
 
-    def _seek(self, chunk: int, offset: int) -> None:
-        if self._generator is not None and self._next == chunk * CHUNK_ELEMENTS + offset \
-                and offset != 0:
-            return
-        if offset % 2:  # would start on the high half of a draw
-            raise ValueError(
-                f"mask blocks must start at an even offset within a chunk, got element "
-                f"{chunk * CHUNK_ELEMENTS + offset}"
-            )
-        draw = offset // 2  # element offset -> uint64 draw (two elements per draw)
-        self._generator = np.random.Philox(key=self.key, counter=(chunk << 192) + draw // 4)
-        skip = draw % 4
-        if skip:
-            self._generator.random_raw(skip)
+    def keep_on(self, device: torch.device, start: int, stop: int) -> torch.Tensor:
+        """The keep mask of ``[start, stop)`` as float32 1/0, computed on ``device``."""
+        count = stop - start
+        if self.threshold == 0:
+            return torch.ones(count, dtype=torch.float32, device=device)
+        if self.threshold == _UINT32_LEVELS:
+            return torch.zeros(count, dtype=torch.float32, device=device)
+        draws = philox_draws_torch(self.key, start, stop, device)
+        return (draws >= self.threshold).to(torch.float32)
 
 
 def _check_shape(shape: Sequence[int] | torch.Size) -> tuple[int, ...]:

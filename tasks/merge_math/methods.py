@@ -443,7 +443,7 @@ def merge_tensor(
     blocks (:mod:`tasks.merge_math.blockwise`): a few MB of extra memory instead of
     several float32 copies of the tensor, and no whole-tensor passes. Inputs may be
     read-only (e.g. memory-mapped checkpoint bytes) and on CUDA (DARE masks are
-    drawn on the CPU with the same Philox streams and copied over).
+    drawn on the device, the same bits as on the CPU).
 
     Args:
         name: The tensor's checkpoint name.

@@ -29,6 +29,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from tasks.merge_math.kernels import abs_sum
 from tasks.merge_math.masks import check_drop_rate, keep_mask
 
 __all__ = [
@@ -72,17 +73,18 @@ L1_BLOCK = 1 << 15
 
 
 def l1_block_sum(magnitudes: torch.Tensor) -> float:
-    """float64 sum of one block of ``|x|`` values (numpy's pairwise sum on CPU).
+    """float64 ``Σ|x|`` of one block (:func:`kernels.abs_sum`'s fixed order on CPU).
 
-    numpy sums on one thread in a fixed order, so the result never depends on torch's
-    thread count (torch's parallel reduction splits by thread). On other devices the
-    block is summed there in float64 (deterministic per device, not bitwise equal to
-    the CPU sum; the rescale factor is cast to float32 before use, where a last-bit
-    float64 difference essentially never shows).
+    On CPU the order is fixed (eight lanes, combined pairwise), so the result never
+    depends on threads, and the fused DARE kernels sum in exactly that order. On
+    other devices the block is summed there in float64 (deterministic per device, not
+    bitwise equal to the CPU sum; the rescale factor is cast to float32 before use,
+    where a last-bit float64 difference essentially never shows).
     """
     if magnitudes.device.type == "cpu":
-        return float(np.add.reduce(magnitudes.detach().reshape(-1).numpy(), dtype=np.float64))
-    return magnitudes.sum(dtype=torch.float64).item()
+        flat = magnitudes.detach().reshape(-1).to(torch.float32)
+        return float(abs_sum(flat.numpy()))
+    return magnitudes.abs().sum(dtype=torch.float64).item()
 
 
 def l1_norm(values: torch.Tensor) -> float:

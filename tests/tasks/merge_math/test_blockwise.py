@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.merge_math import CHUNK_ELEMENTS, MergeSpec, ModelParams, keep_mask, merge_tensor
+from tasks.merge_math import MergeSpec, ModelParams, blockwise, keep_mask, merge_tensor
 from tasks.merge_math.blockwise import merge_blockwise
 from tasks.merge_math.masks import MaskStream, derive_key
 from tasks.merge_math.methods import merge_tensor_reference
@@ -73,13 +73,36 @@ def test_blockwise_equals_reference_bitwise(method, options, rates):
         assert torch.equal(_bits(small), _bits(reference)), (dtype, quantized, out_dtype)
 
 
-def test_blockwise_equals_reference_across_a_mask_chunk_boundary():
-    n = CHUNK_ELEMENTS + 3001
+@pytest.mark.parametrize("block", [None, 8, 1000, 1 << 15])
+def test_blockwise_equals_reference_on_a_tensor_of_many_l1_blocks(block):
+    # several L1 blocks, a partial one at the end, and merge blocks that end inside
+    # an L1 block: the l1 sums carry over between kernel calls in the same order
+    n = (1 << 15) * 9 + 13
     base, fts = _family((n,), torch.bfloat16, False, seed=5)
-    for method, options in [("dare_ties", VARIANTS[8][1]), ("dare_linear", {})]:
+    for method, options in [("dare_ties", VARIANTS[8][1]), ("dare_linear", {"rescale": "l1"}),
+                            ("dare_linear", {})]:
         spec = _spec(method, options, (0.5, 0.9), torch.bfloat16)
-        assert torch.equal(_bits(merge_tensor(NAME, base, fts, spec)),
+        assert torch.equal(_bits(merge_blockwise(NAME, base, fts, spec, block=block)),
                            _bits(merge_tensor_reference(NAME, base, fts, spec)))
+
+
+@pytest.mark.parametrize(("method", "options"), [v for v in VARIANTS if v[0].startswith("dare")])
+def test_device_code_path_equals_reference_on_cpu(monkeypatch, method, options):
+    # the torch-op path (what CUDA runs: masks drawn by torch integer ops) gives the
+    # same bytes as the compiled kernels and the reference
+    base, fts = _family((37, 301), torch.bfloat16, False)
+    spec = _spec(method, options, (0.5, 0.9), torch.bfloat16)
+    reference = merge_tensor_reference(NAME, base, fts, spec)
+    monkeypatch.setattr(blockwise._Merge, "_fused", lambda self, model: False)
+    assert torch.equal(_bits(merge_blockwise(NAME, base, fts, spec, block=1024)),
+                       _bits(reference))
+
+
+def test_blockwise_refuses_blocks_that_are_not_a_multiple_of_8():
+    base, fts = _family((64,), torch.bfloat16, False)
+    spec = _spec("dare_linear", {}, (0.5, 0.5), torch.bfloat16)
+    with pytest.raises(ValueError, match="block must be a positive multiple of 8, got 12"):
+        merge_blockwise(NAME, base, fts, spec, block=12)
 
 
 def test_blockwise_reads_read_only_inputs_and_fills_out():
@@ -113,15 +136,10 @@ def test_blockwise_same_bytes_with_one_or_two_torch_threads(restore_threads):
 
 
 @pytest.mark.parametrize(("start", "stop"), [(0, 10), (10, 70_000), (4_194_300, 4_194_310),
-                                               (CHUNK_ELEMENTS + 2, CHUNK_ELEMENTS + 9)])
+                                               (4_194_305, 4_194_313)])
 def test_mask_stream_blocks_are_slices_of_the_mask(start, stop):
     key = derive_key(0, "m", NAME)
-    n = CHUNK_ELEMENTS + 20
+    n = 4_194_320
     full = keep_mask((n,), 0.3, key).numpy()
     stream = MaskStream(key, 0.3)
     assert np.array_equal(stream.block(start, stop), full[start:stop])
-
-
-def test_mask_stream_refuses_odd_starts():
-    with pytest.raises(ValueError, match="even offset"):
-        MaskStream(derive_key(0, "m", NAME), 0.5).block(3, 10)

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.merge_math.masks import CHUNK_ELEMENTS, derive_key, drop_threshold, keep_mask
+from tasks.merge_math.kernels import _philox
+from tasks.merge_math.masks import (
+    MaskStream,
+    derive_key,
+    drop_threshold,
+    keep_mask,
+    philox_draws_torch,
+    philox_words,
+)
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 
@@ -64,23 +72,79 @@ def test_derive_key_rejects_wrong_types(args):
 def test_keep_mask_golden_values():
     key = derive_key(0, "model-a", NAME)
     assert _bitstring(keep_mask((64,), 0.5, key)) == (
-        "0010111011000110011110101101100001100000001110001101010111111011"
+        "0100001110110111111011100010001100100011111100101010011000111111"
     )
     key = derive_key(42, "org/Model-B", "lm_head.weight")
     assert _bitstring(keep_mask((8, 8), 0.9, key)) == (
-        "0000000001000000100000000100000000000000000000000000000001001000"
+        "0000000000000000000100001001000010000001000000000000101000000000"
     )
 
 
+def _philox_by_the_book(counter, key):
+    """Philox-4x32-10 as Random123 defines it, in plain Python ints."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF,
+                          (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF)
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def _draws_by_the_book(key, start, stop):
+    k0, k1, n0, n1 = [(key >> s) & 0xFFFFFFFF for s in (0, 32, 64, 96)]
+    return [_philox_by_the_book((i // 4 & 0xFFFFFFFF, i // 4 >> 32, n0, n1), (k0, k1))[i % 4]
+            for i in range(start, stop)]
+
+
+# Random123's known-answer vectors for philox4x32_10: (counter, key, output)
+KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize(("counter", "key", "expected"), KNOWN_ANSWERS)
+def test_philox_matches_random123_known_answers(counter, key, expected):
+    assert _philox_by_the_book(counter, key) == expected
+    c0, c1, c2, c3 = counter
+    compiled = _philox(np.uint64(c0 | c1 << 32), *(np.uint64(v) for v in (*key, c2, c3)))
+    assert tuple(int(w) for w in compiled) == expected
+
+
 def test_keep_mask_matches_its_written_definition():
-    # Chunk 0: Philox(key, counter=0) raw uint64 draws, low then high 32 bits,
-    # kept iff >= round(p * 2**32).
+    # element i: word i % 4 of Philox-4x32-10 at counter (i // 4, n0, n1) under the
+    # key's low 64 bits, (n0, n1) its high 64 bits; kept iff >= round(p * 2**32)
     key = derive_key(3, "m", NAME)
     n, p = 1001, 0.3
-    raw = np.random.Philox(key=key, counter=0).random_raw((n + 1) // 2)
-    words = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).ravel()[:n]
-    expected = words >= round(p * 2**32)
+    expected = np.array(_draws_by_the_book(key, 0, n)) >= round(p * 2**32)
     assert torch.equal(keep_mask((n,), p, key), torch.from_numpy(expected))
+    assert philox_words(key) == tuple((key >> s) & 0xFFFFFFFF for s in (0, 32, 64, 96))
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 0), (0, 1), (1, 4), (2, 11), (3, 1030),
+                                               (2**34 - 6, 2**34 + 7), (2**40 + 1, 2**40 + 2)])
+def test_draws_of_any_range_follow_the_definition(start, stop):
+    # any start (no alignment), and element indices past 2**34 (counter word 1 in use)
+    key = derive_key(5, "m", NAME)
+    stream = MaskStream(key, 0.5)
+    expected = _draws_by_the_book(key, start, stop)
+    assert stream.draws(start, stop).tolist() == expected
+    assert philox_draws_torch(key, start, stop, torch.device("cpu")).tolist() == expected
+
+
+def test_torch_draws_equal_the_compiled_kernel_on_a_large_range():
+    key = derive_key(9, "model-a", NAME)
+    stream = MaskStream(key, 0.3)
+    start, stop = 12_345, 12_345 + 300_001
+    torch_draws = philox_draws_torch(key, start, stop, torch.device("cpu"))
+    assert torch.equal(torch_draws, torch.from_numpy(stream.draws(start, stop).astype(np.int64)))
+    keep = stream.keep_on(torch.device("cpu"), start, stop)
+    assert keep.dtype == torch.float32
+    assert torch.equal(keep.bool(), torch.from_numpy(stream.block(start, stop)))
 
 
 def test_keep_mask_shape_and_dtype():
@@ -121,14 +185,15 @@ def test_keep_mask_depends_on_element_order_not_shape():
     assert torch.equal(keep_mask((6, 4), 0.5, key), keep_mask((24,), 0.5, key).reshape(6, 4))
 
 
-def test_keep_mask_chunks_are_independent_streams():
-    # The first chunk of a larger tensor is the mask of a one-chunk tensor: each
-    # chunk depends only on (key, chunk index), so chunks can be filled in parallel.
+def test_keep_mask_of_a_large_tensor_is_filled_piecewise_without_seams():
+    # keep_mask fills 2**20 draws at a time: the pieces meet exactly
     key = derive_key(0, "a", NAME)
-    big = keep_mask((CHUNK_ELEMENTS + 1000,), 0.5, key)
-    assert torch.equal(big[:CHUNK_ELEMENTS], keep_mask((CHUNK_ELEMENTS,), 0.5, key))
-    # and the second chunk is not a copy of the first
-    assert not torch.equal(big[CHUNK_ELEMENTS:], big[:1000])
+    n = (1 << 20) * 2 + 1000
+    big = keep_mask((n,), 0.5, key).numpy()
+    stream = MaskStream(key, 0.5)
+    for start in (0, (1 << 20) - 3, (2 << 20) - 1):
+        assert np.array_equal(big[start:start + 10], stream.block(start, start + 10))
+    assert not np.array_equal(big[1 << 20:(1 << 20) + 1000], big[:1000])
 
 
 # --- keep_mask: statistics ------------------------------------------------------------

@@ -1,0 +1,284 @@
+"""Compiled CPU kernels: the mask generator, and DARE in one pass per block.
+
+Compiled with numba (``cache=True``: the first call in a fresh checkout compiles and
+stores the machine code under ``__pycache__``; later processes load it). ``nogil``
+lets the unit workers' threads run kernels at the same time.
+
+Every kernel computes exactly what the torch path computes, element by element:
+float32 IEEE operations (no fast-math, no fused multiply-add), a dropped delta is
+``+0``, and the L1 sums follow one fixed order (:func:`abs_sum`), which
+:func:`sparsify.l1_norm` uses too. Tests compare the blockwise merge with the
+reference path byte for byte.
+
+Masks: ``keep = draw >= threshold`` on the uint32 draws of :func:`philox_fill`
+(the generator of :mod:`masks`).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = [
+    "DIVIDE",
+    "KEEP",
+    "L1_LANES",
+    "L1_STATE",
+    "MULTIPLY",
+    "abs_sum",
+    "dare_apply",
+    "dare_l1_pass",
+    "philox_fill",
+]
+
+#: Partial sums of :func:`abs_sum`: element ``i`` of a block goes to lane ``i % 8``.
+L1_LANES = 8
+
+_jit = numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+
+# Philox-4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2,
+# 3", SC 2011; the Random123 library): round multipliers and Weyl key increments.
+_U64 = np.uint64
+_M32 = _U64(0xFFFFFFFF)
+_MUL0 = _U64(0xD2511F53)
+_MUL1 = _U64(0xCD9E8D57)
+_BUMP0 = _U64(0x9E3779B9)
+_BUMP1 = _U64(0xBB67AE85)
+_ROUNDS = 10
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _philox(j, k0, k1, n0, n1):
+    """Philox-4x32-10 of counter ``(j mod 2**32, j >> 32, n0, n1)`` under key ``(k0, k1)``.
+
+    All values are uint64 holding 32-bit words; returns the four output words.
+    """
+    c0 = j & _M32
+    c1 = j >> _U64(32)
+    c2 = n0
+    c3 = n1
+    a = k0
+    b = k1
+    for _ in range(_ROUNDS):
+        p0 = _MUL0 * c0
+        p1 = _MUL1 * c2
+        c0, c1, c2, c3 = ((p1 >> _U64(32)) ^ c1 ^ a, p1 & _M32,
+                          (p0 >> _U64(32)) ^ c3 ^ b, p0 & _M32)
+        a = (a + _BUMP0) & _M32
+        b = (b + _BUMP1) & _M32
+    return c0, c1, c2, c3
+
+
+@_jit
+def philox_fill(out, first, k0, k1, n0, n1):
+    """``out[i]`` = the uint32 draw of flat element ``first + i``.
+
+    Element ``e`` takes word ``e % 4`` of :func:`_philox` at counter ``j = e // 4``
+    (so any range is computed directly, with no stream to seek).
+
+    Args:
+        out: uint32 array, filled.
+        first: flat index of ``out[0]`` (≥ 0).
+        k0, k1: the key words; n0, n1: counter words 2 and 3 (each < 2**32).
+    """
+    n = out.shape[0]
+    k0 = _U64(k0)
+    k1 = _U64(k1)
+    n0 = _U64(n0)
+    n1 = _U64(n1)
+    i = 0
+    head = (4 - first % 4) % 4
+    if head and n:  # elements before the first whole group of four
+        w = _philox(_U64(first // 4), k0, k1, n0, n1)
+        while i < head and i < n:
+            out[i] = w[(first + i) % 4]
+            i += 1
+    groups = (n - i) // 4
+    j0 = (first + i) // 4
+    for g in range(groups):
+        w0, w1, w2, w3 = _philox(_U64(j0 + g), k0, k1, n0, n1)
+        o = i + 4 * g
+        out[o] = w0
+        out[o + 1] = w1
+        out[o + 2] = w2
+        out[o + 3] = w3
+    i += 4 * groups
+    if i < n:  # the last, partial group
+        w = _philox(_U64((first + i) // 4), k0, k1, n0, n1)
+        for r in range(n - i):
+            out[i + r] = w[r]
+
+
+@_jit
+def _lanes_total(a0, a1, a2, a3, a4, a5, a6, a7):
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@_jit
+def abs_sum(x):
+    """``Σ|x|`` of a float32 block in float64, in a fixed order.
+
+    Element ``i`` is added to lane ``i % 8`` (lanes in element order), then the lanes
+    are combined pairwise: ``((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))``. Independent
+    of threads and vector width; eight lanes let the compiler use SIMD registers
+    without changing the order of any lane's additions.
+    """
+    n = x.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    full = n - n % 8
+    for i in range(0, full, 8):
+        a0 += abs(np.float64(x[i]))
+        a1 += abs(np.float64(x[i + 1]))
+        a2 += abs(np.float64(x[i + 2]))
+        a3 += abs(np.float64(x[i + 3]))
+        a4 += abs(np.float64(x[i + 4]))
+        a5 += abs(np.float64(x[i + 5]))
+        a6 += abs(np.float64(x[i + 6]))
+        a7 += abs(np.float64(x[i + 7]))
+    rest = n - full
+    if rest > 0:
+        a0 += abs(np.float64(x[full]))
+    if rest > 1:
+        a1 += abs(np.float64(x[full + 1]))
+    if rest > 2:
+        a2 += abs(np.float64(x[full + 2]))
+    if rest > 3:
+        a3 += abs(np.float64(x[full + 3]))
+    if rest > 4:
+        a4 += abs(np.float64(x[full + 4]))
+    if rest > 5:
+        a5 += abs(np.float64(x[full + 5]))
+    if rest > 6:
+        a6 += abs(np.float64(x[full + 6]))
+    return _lanes_total(a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+#: Length of the state array of :func:`dare_l1_pass`.
+L1_STATE = 18
+
+
+@_jit
+def dare_l1_pass(d, draws, threshold, first, total, l1_block, state):
+    """The ``l1`` rescale's statistics over a block.
+
+    Accumulates ``‖δ‖₁`` and ``‖kept‖₁`` exactly as :func:`sparsify.l1_norm` sums
+    them over the whole tensor: each :data:`sparsify.L1_BLOCK` of the tensor is
+    summed by :func:`abs_sum` (lanes by flat index mod 8) and the block sums are added
+    in order, ``kept`` being the delta where ``draws >= threshold`` and ``+0``
+    elsewhere. Blocks may end anywhere a multiple of 8 elements in: the lanes carry
+    over in ``state`` to the next call.
+
+    Args:
+        d: float32 delta block (read only), flat elements ``first ...``.
+        draws: uint32 mask draws of those elements.
+        threshold: drop threshold, 1 ≤ t < 2**32.
+        first: flat index of ``d[0]`` in the tensor, a multiple of 8.
+        total: the tensor's number of elements.
+        l1_block: elements per L1 block, a multiple of 8.
+        state: float64[L1_STATE], zeros before the tensor's first block: the lanes of
+            ``|δ|`` (0-7) and of ``|kept|`` (8-15), ``‖δ‖₁`` (16), ``‖kept‖₁`` (17).
+    """
+    n = d.shape[0]
+    t = np.uint32(threshold)
+    u = _U64  # unsigned indices: no negative-index wraparound code in the hot loop
+    b0, b1, b2, b3, b4, b5, b6, b7 = (state[0], state[1], state[2], state[3],
+                                      state[4], state[5], state[6], state[7])
+    k0, k1, k2, k3, k4, k5, k6, k7 = (state[8], state[9], state[10], state[11],
+                                      state[12], state[13], state[14], state[15])
+    before = state[16]
+    after = state[17]
+    i = 0
+    while i < n:
+        # up to the end of the current L1 block (or of d)
+        stop = min(n, i + l1_block - (first + i) % l1_block)
+        for group in range(i // 8, (i + (stop - i) // 8 * 8) // 8):
+            e = u(group) * u(8)
+            v0 = abs(np.float64(d[e]))
+            v1 = abs(np.float64(d[e + u(1)]))
+            v2 = abs(np.float64(d[e + u(2)]))
+            v3 = abs(np.float64(d[e + u(3)]))
+            v4 = abs(np.float64(d[e + u(4)]))
+            v5 = abs(np.float64(d[e + u(5)]))
+            v6 = abs(np.float64(d[e + u(6)]))
+            v7 = abs(np.float64(d[e + u(7)]))
+            b0 += v0
+            b1 += v1
+            b2 += v2
+            b3 += v3
+            b4 += v4
+            b5 += v5
+            b6 += v6
+            b7 += v7
+            k0 += v0 if draws[e] >= t else 0.0
+            k1 += v1 if draws[e + u(1)] >= t else 0.0
+            k2 += v2 if draws[e + u(2)] >= t else 0.0
+            k3 += v3 if draws[e + u(3)] >= t else 0.0
+            k4 += v4 if draws[e + u(4)] >= t else 0.0
+            k5 += v5 if draws[e + u(5)] >= t else 0.0
+            k6 += v6 if draws[e + u(6)] >= t else 0.0
+            k7 += v7 if draws[e + u(7)] >= t else 0.0
+        i += (stop - i) // 8 * 8
+        if i < stop:  # the tensor's last, partial group of 8: lanes as in abs_sum
+            for j in range(stop - i):
+                v = abs(np.float64(d[i + j]))
+                kv = v if draws[i + j] >= t else 0.0
+                if j == 0:
+                    b0 += v
+                    k0 += kv
+                elif j == 1:
+                    b1 += v
+                    k1 += kv
+                elif j == 2:
+                    b2 += v
+                    k2 += kv
+                elif j == 3:
+                    b3 += v
+                    k3 += kv
+                elif j == 4:
+                    b4 += v
+                    k4 += kv
+                elif j == 5:
+                    b5 += v
+                    k5 += kv
+                else:
+                    b6 += v
+                    k6 += kv
+            i = stop
+        g = first + i  # flat index of the next element
+        if g % l1_block == 0 or g == total:  # an L1 block ends: add its sums, in order
+            before += _lanes_total(b0, b1, b2, b3, b4, b5, b6, b7)
+            after += _lanes_total(k0, k1, k2, k3, k4, k5, k6, k7)
+            b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = 0.0
+            k0 = k1 = k2 = k3 = k4 = k5 = k6 = k7 = 0.0
+    state[0], state[1], state[2], state[3] = b0, b1, b2, b3
+    state[4], state[5], state[6], state[7] = b4, b5, b6, b7
+    state[8], state[9], state[10], state[11] = k0, k1, k2, k3
+    state[12], state[13], state[14], state[15] = k4, k5, k6, k7
+    state[16] = before
+    state[17] = after
+
+
+#: ``mode`` of :func:`dare_apply`: kept deltas unchanged (DropOnly), divided by
+#: ``1 - p`` (inverse) or multiplied by the ``l1`` ratio.
+KEEP, DIVIDE, MULTIPLY = 0, 1, 2
+
+
+@_jit
+def dare_apply(d, draws, threshold, value, mode):
+    """Drop and rescale ``d`` in place from the mask draws.
+
+    Where ``draws[i] >= threshold``: ``d[i]`` (``mode`` :data:`KEEP`),
+    ``d[i] / value`` (:data:`DIVIDE`, ``value`` = ``1 - p``) or ``d[i] * value``
+    (:data:`MULTIPLY`, the ``l1`` ratio), ``value`` rounded to float32 first;
+    ``+0`` elsewhere.
+    """
+    t = np.uint32(threshold)
+    v = np.float32(value)
+    zero = np.float32(0.0)
+    for i in range(d.shape[0]):
+        x = d[i]
+        if mode == 1:
+            x = x / v
+        elif mode == 2:
+            x = x * v
+        d[i] = x if draws[i] >= t else zero
