@@ -261,13 +261,13 @@ def read_sample(ckpt: Checkpoint, name: str, n: int, *, seed: int = 0) -> torch.
         return ckpt.read(name).flatten()
     width = max(1, n // SAMPLE_WINDOWS)
     itemsize = info.nbytes // info.numel
-    parts = []
-    for start in _window_starts(name, info.numel, SAMPLE_WINDOWS, width, seed):
-        begin = info.start + start * itemsize
-        raw = storage.read_bytes(info.file, begin, begin + width * itemsize,
-                                 **ckpt.storage_options)
-        parts.append(torch.frombuffer(bytearray(raw), dtype=info.torch_dtype))
-    return torch.cat(parts)
+    ranges = [(info.start + start * itemsize, info.start + (start + width) * itemsize)
+              for start in _window_starts(name, info.numel, SAMPLE_WINDOWS, width, seed)]
+    raw = storage.read_ranges(info.file, ranges, **ckpt.storage_options)
+    if any(len(part) != end - begin for part, (begin, end) in zip(raw, ranges)):
+        raise ValueError(f"{info.file!r} ends inside tensor {name!r} (truncated since it was "
+                         "opened); download it again")
+    return torch.frombuffer(bytearray(b"".join(raw)), dtype=info.torch_dtype)
 
 
 def _compared(base: Checkpoint, ft: Checkpoint) -> tuple[list[str], list[tuple[str, str]]]:

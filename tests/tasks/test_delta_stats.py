@@ -125,6 +125,12 @@ def test_read_sample_reads_the_same_positions_of_both_models(tmp_path: Path) -> 
     starts = sb[::100].long().tolist()
     assert all(i * 6250 <= s <= (i + 1) * 6250 - 100 for i, s in enumerate(starts))
     assert torch.equal(sb, ds.read_sample(Checkpoint.open(b), "w", 1600))
+    # a file truncated after it was opened: named, with the fix
+    ckpt = Checkpoint.open(f)
+    path = Path(f) / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:200_000])
+    with pytest.raises(ValueError, match=r"model\.safetensors' ends inside tensor 'w'.*download it again"):
+        ds.read_sample(ckpt, "w", 1600)
 
 
 def test_a_dare_merged_source_shows_its_zeros(tmp_path: Path) -> None:

@@ -83,6 +83,18 @@ def test_read_into_fills_buffer(tmp_path):
     assert storage.read_into(uri, memoryview(buf), start=6) == 4  # file ends first
 
 
+def test_read_ranges_reads_each_range_in_order(tmp_path):
+    uri = str(tmp_path / "f.bin")
+    storage.write_bytes_atomic(uri, b"0123456789")
+    assert storage.read_ranges(uri, [(6, 8), (0, 3), (8, 20), (4, 4)]) == [
+        b"67", b"012", b"89", b""]
+    assert storage.read_ranges(uri, []) == []
+    with pytest.raises(ValueError, match="f.bin"):
+        storage.read_ranges(uri, [(0, 3), (5, 2)])
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        storage.read_ranges(str(tmp_path / "missing.bin"), [(0, 1)])
+
+
 @pytest.mark.parametrize(("start", "end"), [(-1, None), (5, 2), (1.5, None)])
 def test_read_bytes_rejects_bad_ranges(tmp_path, start, end):
     uri = str(tmp_path / "f.bin")
@@ -208,6 +220,8 @@ def test_s3_roundtrip_ranges_listing_hash(s3_store):
     storage.write_bytes_atomic(uri, data, **opts)
     assert storage.exists(uri, **opts)
     assert storage.read_bytes(uri, 100, 200, **opts) == data[100:200]
+    assert storage.read_ranges(uri, [(0, 5), (2990, 3100), (7, 7), (100, 200)], **opts) == [
+        data[:5], data[2990:], b"", data[100:200]]
     buf = bytearray(50)
     assert storage.read_into(uri, memoryview(buf), 2990, **opts) == 10
     assert bytes(buf[:10]) == data[2990:]
