@@ -1,6 +1,7 @@
 """The `dareflow` command."""
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -231,5 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``dareflow`` command: :func:`main`, then a fast exit.
+
+    ``gc.freeze()`` once the work is done: the interpreter's final collection then
+    skips the ~1M objects torch and Prefect create, which saves ~0.5 s per command
+    (measured: exit 0.6 s -> 0.1 s with both imported). Exit handlers (Prefect's log
+    and event flushes) still run.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

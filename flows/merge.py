@@ -57,7 +57,12 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     check_deltas.with_options(result_storage=results_in_store)(recipe_to_dict(parsed), sources)
     plan = plan_merge(recipe_to_dict(parsed), sources, staging, store)
     unit_task = merge_unit.with_options(result_storage=results_in_store)
-    results = unit_task.map(unmapped(plan), plan["units"]).result()
+    # largest units first (embeddings, output head): no big unit left running alone at
+    # the end while the other workers idle; results come back in plan order
+    jobs = plan["units"]
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].get("elements", 0))
+    done = unit_task.map(unmapped(plan), [jobs[i] for i in order]).result()
+    results = [done[order.index(i)] for i in range(len(jobs))]
     manifest = assemble_model(plan, results, out)
     cached = sum(r["cached"] for r in results)
     print(f"merged {len(results) - cached} unit(s), reused {cached} committed unit(s)")

@@ -64,6 +64,7 @@ class UnitJob:
     unit: str
     tensors: tuple[str, ...]
     key: str = ""
+    elements: int = 0  # output elements (for scheduling: largest units first)
 
 
 @dataclass
@@ -95,7 +96,8 @@ class MergePlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MergePlan:
         data = dict(data)
-        data["units"] = [UnitJob(u["unit"], tuple(u["tensors"]), u["key"]) for u in data["units"]]
+        data["units"] = [UnitJob(u["unit"], tuple(u["tensors"]), u["key"], u.get("elements", 0))
+                         for u in data["units"]]
         return cls(**data)
 
 
@@ -199,7 +201,8 @@ def plan_merge(recipe: Recipe, *, base_uri: str | None, model_uris: dict[str, st
     resolved = resolved_recipe(recipe, out_dtype)
     inputs = ({"base": Checkpoint.open(base_uri)} if base_uri else {}) | checkpoints
     units = [
-        UnitJob(u.name, tuple(u.tensors), unit_key(resolved, u.tensors, inputs))
+        UnitJob(u.name, tuple(u.tensors), unit_key(resolved, u.tensors, inputs),
+                sum(reference.info(t).numel for t in u.tensors))
         for u in plan_units(reference.tensors)
     ]
     return MergePlan(

@@ -73,10 +73,11 @@ def reference(pico_family, tmp_path_factory):
     return _shards(tmp / "out")
 
 
+# units run largest first: layer_000, layer_001, final (norm + head), embeddings
 @pytest.mark.parametrize("fault, committed", [
     ("shard-written:1", []),               # before the first commit: shard, no record
-    ("shard-half-written:2", ["embeddings"]),  # during a unit's shard write
-    ("unit-committed:3", ["embeddings", "layer_000", "layer_001"]),  # right after a commit
+    ("shard-half-written:2", ["layer_000"]),  # during a unit's shard write
+    ("unit-committed:3", ["final", "layer_000", "layer_001"]),  # right after a commit
 ])
 def test_killed_merge_resumes_to_identical_bytes(pico_family, tmp_path, reference,
                                                  fault, committed):
