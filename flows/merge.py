@@ -46,6 +46,7 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
         The manifest written next to the model, plus ``out`` and per-unit ``cached``.
     """
     parsed = parse_recipe(recipe, "recipe")
+    merging.warm_up_kernels(parsed)
     store = store or default_store()
     merging.check_output(out, overwrite=overwrite)
     staging = merging.staging_uri(out)
@@ -154,6 +155,7 @@ def run_merge(recipe_path: str, out: str | None = None, *, store: str | None = N
     tasks run on threads here or on Dask (see :func:`task_runner_for`)."""
     runner = task_runner_for(max_workers, dask_address, dask_workers)
     recipe = load_recipe(recipe_path)
+    merging.warm_up_kernels(recipe)  # overlaps the flow run's start-up
     out = out or recipe.output
     if not out:
         raise ValueError(

@@ -101,6 +101,27 @@ class MergePlan:
         return cls(**data)
 
 
+_WARM_UP_LOCK = threading.Lock()
+_warming: threading.Thread | None = None
+
+
+def warm_up_kernels(recipe: Recipe) -> None:
+    """Start loading the compiled DARE kernels on a background thread (once per process).
+
+    Only for DARE methods (the gate and the merge use them); the load then overlaps
+    Prefect's flow-run start-up instead of delaying the gate.
+    """
+    global _warming
+    if METHODS[recipe.merge_method].sparsification != "dare":
+        return
+    with _WARM_UP_LOCK:
+        if _warming is None:
+            from tasks.merge_math.kernels import warm_up
+
+            _warming = threading.Thread(target=warm_up, name="dareflow-kernels", daemon=True)
+            _warming.start()
+
+
 def build_spec(recipe: Recipe, out_dtype: str) -> MergeSpec:
     """The pure-math spec of a recipe (per-model p and weight resolved)."""
     params = recipe.parameters
