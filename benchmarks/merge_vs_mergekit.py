@@ -380,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         ensure_mergekit()
         log(f"mergekit {mergekit_version()} in {MERGEKIT_VENV}")
 
+    # untimed: compile dareflow's kernels if this checkout has not yet (numba caches the
+    # machine code on disk; every later process only loads it)
+    subprocess.run([sys.executable, "-c", "from tasks.merge_math.kernels import warm_up; "
+                    "warm_up()"], cwd=str(REPO), check=True)
     results: dict[str, dict[str, list[RunStats]]] = {}
     checks: list[tuple[str, bool, str]] = []
     digests: dict[str, list[str]] = {}

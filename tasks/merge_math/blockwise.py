@@ -61,6 +61,12 @@ DEVICE_BLOCK_ELEMENTS = 1 << 22
 _EXACT_UPCAST = (torch.bfloat16, torch.float16, torch.float32)
 
 
+_ELECT = {"sum": kernels.ELECT_SUM, "weighted_sum": kernels.ELECT_WEIGHTED_SUM,
+          "count": kernels.ELECT_COUNT}
+_DISJOINT = {"mean": kernels.DISJOINT_MEAN, "weight": kernels.DISJOINT_WEIGHT,
+             "sum": kernels.DISJOINT_SUM}
+
+
 class NonFiniteInput(Exception):
     """An input block holds NaN/Inf: rerun the reference path for its exact error."""
 
@@ -97,6 +103,10 @@ class _Model:
 
 
 class _Merge:
+    #: Whether the compiled CPU kernels run (on CPU tensors); tests turn it off to run
+    #: the torch-op path that accelerators use.
+    kernels_enabled = True
+
     def __init__(self, name, base, finetuned, spec, block):
         self.spec = spec
         self.row = spec.row
@@ -124,7 +134,9 @@ class _Merge:
                               for s in self.models)
         f32 = {"dtype": torch.float32, "device": self.device}
         self.b = torch.empty(block, **f32)
-        self.d = [torch.empty(block, **f32) for _ in self.models]
+        # raw deltas of a block, one row per model (rows are the per-model buffers)
+        self.deltas = torch.empty((len(self.models), block), **f32)
+        self.d = list(self.deltas)
         self.tmp = torch.empty(block, **f32)
         self.total = torch.empty(block, **f32)
         self.den = torch.empty(block, **f32)
@@ -132,7 +144,8 @@ class _Merge:
         self.flag = torch.empty(block, dtype=torch.bool, device=self.device)
         self.keep = torch.empty(block, **f32)
         self.ones = torch.ones(block, **f32)
-        self.draws_np = np.empty(block, dtype=np.uint32) if self.device.type == "cpu" else None
+        self.use_kernels = self.kernels_enabled and self.device.type == "cpu"
+        self.draws_np = np.empty(block, dtype=np.uint32) if self.use_kernels else None
         blocks = -(-self.n // block)
         self.lo = torch.empty((blocks, len(self.models) + 1), **f32)
         self.hi = torch.empty((blocks, len(self.models) + 1), **f32)
@@ -190,7 +203,7 @@ class _Merge:
 
     def _fused(self, model: _Model) -> bool:
         """Whether the model's DARE runs in the fused CPU kernels (:mod:`kernels`)."""
-        return (self.device.type == "cpu" and model.stream is not None
+        return (self.use_kernels and model.stream is not None
                 and 0 < model.stream.threshold < 2**32)
 
     def _dare_cpu(self, model: _Model, d: np.ndarray, start: int, stop: int,
@@ -377,11 +390,58 @@ class _Merge:
             merged.div_(den)
         return merged
 
+    def _fused_merge_args(self) -> tuple | None:
+        """The per-model arguments of :func:`kernels.dare_merge_block`, or None when
+        this merge is not one it computes (CPU DARE with a weighted-sum or TIES consensus, no
+        magnitude selection)."""
+        row = self.row
+        if (not self.use_kernels or row.sparsification != "dare" or self.linear
+                or row.consensus not in ("none", "ties")
+                or any(m.select not in ("none", "all") for m in self.models)):
+            return None
+        count = len(self.models)
+        words = np.zeros((count, 4), dtype=np.uint64)
+        thresholds = np.zeros(count, dtype=np.uint64)
+        modes = np.full(count, kernels.KEEP, dtype=np.int64)
+        values = np.ones(count, dtype=np.float32)
+        for k, model in enumerate(self.models):
+            if model.drop_rate == 1.0:
+                thresholds[k] = 2**32  # drops everything
+            elif model.stream is not None:
+                words[k] = model.stream.words
+                thresholds[k] = model.stream.threshold
+                if self.rescale == "inverse":
+                    modes[k], values[k] = kernels.DIVIDE, 1.0 - model.drop_rate
+                elif self.rescale == "l1" and model.l1_factor is not None:
+                    modes[k], values[k] = kernels.MULTIPLY, model.l1_factor
+        spec = self.spec
+        weights = np.asarray([float(w) for w in self.weights], dtype=np.float32)
+        return (words, thresholds, modes, values, weights,
+                kernels.TIES if row.consensus == "ties" else kernels.SUM,
+                _ELECT[spec.sign_election], _DISJOINT[spec.disjoint_merge],
+                bool(spec.resolved_normalize),
+                np.float32(sum(float(w) for w in self.weights)), np.float32(spec.scale))
+
     def run(self, out: torch.Tensor) -> None:
         self.l1_pass()
         self.select_pass()
         spec, row = self.spec, self.row
         flat_out = out.reshape(-1)
+        fused = self._fused_merge_args()
+        if fused is not None:  # the whole final pass in one compiled kernel per block
+            finite = True
+            for start, stop in self._blocks():
+                m = stop - start
+                b = self._base_block(start, stop)
+                for k in range(len(self.models)):
+                    self._raw_delta(k, start, stop, b)
+                merged = self.total[:m]
+                finite &= kernels.dare_merge_block(
+                    b.numpy(), self.deltas.numpy()[:, :m], start, *fused, merged.numpy())
+                flat_out[start:stop].copy_(merged)
+            if not finite:
+                raise NonFiniteInput()
+            return
         for index, (start, stop) in enumerate(self._blocks()):
             m = stop - start
             b = self._base_block(start, stop)

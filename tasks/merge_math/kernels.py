@@ -285,6 +285,143 @@ def dare_apply(d, draws, threshold, value, mode):
         d[i] = x if draws[i] >= t else zero
 
 
+#: Elements per inner step of :func:`dare_merge_block` (its buffers stay in L1).
+_SUB_BLOCK = 1024
+
+#: ``consensus`` / ``sign_election`` / ``disjoint`` codes of :func:`dare_merge_block`.
+SUM, TIES = 0, 1
+ELECT_SUM, ELECT_WEIGHTED_SUM, ELECT_COUNT = 0, 1, 2
+DISJOINT_MEAN, DISJOINT_WEIGHT, DISJOINT_SUM = 0, 1, 2
+
+
+@_jit
+def dare_merge_block(base, deltas, first, words, thresholds, modes, values, weights,
+                     consensus, elect, disjoint, normalize, divisor, scale, out):
+    """DARE of every model, then fusion, then ``base + scale * merged``, for one block.
+
+    The same float32 operations, in the same order, as the torch path of
+    :class:`blockwise._Merge` (tests compare bytes): for model ``k`` the kept delta is
+    ``d`` (mode :data:`KEEP`), ``d / value`` (:data:`DIVIDE`) or ``d * value``
+    (:data:`MULTIPLY`) where its draw ``>= threshold`` and ``+0`` elsewhere (threshold
+    0 keeps all, 2**32 drops all); then the weighted sum (``SUM``, optionally divided
+    by ``divisor``) or TIES (sign election, then the disjoint merge).
+
+    Args:
+        base: float32 base block.
+        deltas: float32 ``(K, m)``, the raw deltas of the block (read only).
+        first: flat index of the block's first element.
+        words: uint64 ``(K, 4)`` Philox words of each model's mask.
+        thresholds: uint64 ``(K,)``; modes: int64 ``(K,)``; values, weights: float32.
+        consensus, elect, disjoint: the codes above; normalize: bool.
+        divisor, scale: float32.
+        out: float32 block, receives the merged parameters.
+
+    Returns:
+        False if any base or delta value is NaN/Inf (the caller reruns the reference
+        path for its error), else True.
+    """
+    n = base.shape[0]
+    count = deltas.shape[0]
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    nonfinite = 0
+    draws = np.empty(_SUB_BLOCK, dtype=np.uint32)
+    kept = np.empty((count, _SUB_BLOCK), dtype=np.float32)
+    total = np.empty(_SUB_BLOCK, dtype=np.float32)
+    den = np.empty(_SUB_BLOCK, dtype=np.float32)
+    for off in range(0, n, _SUB_BLOCK):  # sub-blocks that stay in L1: one simple loop per step
+        m = min(_SUB_BLOCK, n - off)
+        # row views indexed from 0: the compiler proves indices non-negative and vectorises
+        b = base[off:off + m]
+        o = out[off:off + m]
+        tot = total[:m]
+        dn = den[:m]
+        dr = draws[:m]
+        for j in range(m):
+            nonfinite += not (b[j] - b[j] == zero)
+        # DARE, per model: kept = op(d) where draw >= threshold, +0 elsewhere
+        for k in range(count):
+            d = deltas[k, off:off + m]
+            kp = kept[k, :m]
+            for j in range(m):
+                nonfinite += not (d[j] - d[j] == zero)
+            t = thresholds[k]
+            v = values[k]
+            mode = modes[k]
+            if t >= _U64(1) << _U64(32):
+                kp[:] = zero
+                continue
+            if t == _U64(0):
+                dr[:] = np.uint32(0)
+            else:
+                philox_fill(dr, first + off, words[k, 0], words[k, 1], words[k, 2], words[k, 3])
+            t32 = np.uint32(t)
+            if mode == 1:
+                for j in range(m):
+                    x = d[j] / v
+                    kp[j] = x if dr[j] >= t32 else zero
+            elif mode == 2:
+                for j in range(m):
+                    x = d[j] * v
+                    kp[j] = x if dr[j] >= t32 else zero
+            else:
+                for j in range(m):
+                    kp[j] = d[j] if dr[j] >= t32 else zero
+        # fusion
+        tot[:] = zero
+        for k in range(count):
+            w = weights[k]
+            kp = kept[k, :m]
+            if consensus == 0 or elect == 1:
+                for j in range(m):
+                    tot[j] = tot[j] + kp[j] * w
+            elif elect == 0:
+                for j in range(m):
+                    tot[j] = tot[j] + kp[j] * one
+            else:
+                for j in range(m):
+                    c = kp[j] * w
+                    tot[j] = tot[j] + (one if c > zero else (-one if c < zero else zero))
+        if consensus == 0:
+            if normalize:
+                for j in range(m):
+                    o[j] = b[j] + (tot[j] / divisor) * scale
+            else:
+                for j in range(m):
+                    o[j] = b[j] + tot[j] * scale
+            continue
+        # TIES: sign = copysign(1, total) (total is never -0: it starts at +0), then the
+        # disjoint merge; `tot` becomes the merged value
+        for j in range(m):
+            dn[j] = one if tot[j] >= zero else -one  # the sign, for now
+        tot[:] = zero
+        for k in range(count):
+            w = weights[k]
+            kp = kept[k, :m]
+            for j in range(m):
+                c = kp[j] * w
+                agree = one if c * dn[j] > zero else zero
+                tot[j] = tot[j] + c * agree
+                kp[j] = agree  # the model's agreement flags, for the denominator
+        if disjoint == 2:
+            for j in range(m):
+                o[j] = b[j] + tot[j] * scale
+            continue
+        dn[:] = zero
+        for k in range(count):
+            w = weights[k]
+            kp = kept[k, :m]
+            if disjoint == 0:
+                for j in range(m):
+                    dn[j] = dn[j] + kp[j]
+            else:
+                for j in range(m):
+                    dn[j] = dn[j] + kp[j] * w
+        for j in range(m):
+            o[j] = b[j] + (tot[j] / (dn[j] + (one if dn[j] == zero else zero))) * scale
+    return nonfinite == 0
+
+
 def warm_up() -> None:
     """Load (or compile) every kernel: the first call in a process costs ~0.35 s here.
 

@@ -26,6 +26,14 @@ VARIANTS = [
     ("dare_ties", {"sign_election": "weighted_sum", "disjoint_merge": "sum", "rescale": "l1"}),
     ("dare_ties", {"trim_after_dare": 0.8, "rescale": "l1", "sign_election": "count",
                    "disjoint_merge": "weight"}),
+    # no trim: the whole final pass runs in the compiled kernel
+    ("dare_ties", {"trim_after_dare": 0.0}),
+    ("dare_ties", {"trim_after_dare": 0.0, "sign_election": "count", "disjoint_merge": "weight",
+                   "scale": 0.6}),
+    ("dare_ties", {"trim_after_dare": 0.0, "sign_election": "weighted_sum", "rescale": "none"}),
+    ("dare_ties", {"trim_after_dare": 0.0, "disjoint_merge": "sum", "rescale": "l1",
+                   "scale": 1.3}),
+    ("dare_linear", {"normalize": True, "scale": 0.8}),
     ("ties", {}),
     ("ties", {"sign_election": "weighted_sum", "disjoint_merge": "weight"}),
     ("ties", {"sign_election": "count", "disjoint_merge": "sum", "scale": 1.3}),
@@ -93,7 +101,7 @@ def test_device_code_path_equals_reference_on_cpu(monkeypatch, method, options):
     base, fts = _family((37, 301), torch.bfloat16, False)
     spec = _spec(method, options, (0.5, 0.9), torch.bfloat16)
     reference = merge_tensor_reference(NAME, base, fts, spec)
-    monkeypatch.setattr(blockwise._Merge, "_fused", lambda self, model: False)
+    monkeypatch.setattr(blockwise._Merge, "kernels_enabled", False)
     assert torch.equal(_bits(merge_blockwise(NAME, base, fts, spec, block=1024)),
                        _bits(reference))
 
