@@ -382,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # untimed: compile dareflow's kernels if this checkout has not yet (numba caches the
     # machine code on disk; every later process only loads it)
-    subprocess.run([sys.executable, "-c", "from tasks.merge_math.kernels import warm_up; "
-                    "warm_up()"], cwd=str(REPO), check=True)
+    warm_up = "from tasks.merge_math.kernels import warm_up; warm_up()"
+    subprocess.run([sys.executable, "-c", warm_up], cwd=str(REPO), check=True)
     results: dict[str, dict[str, list[RunStats]]] = {}
     checks: list[tuple[str, bool, str]] = []
     digests: dict[str, list[str]] = {}

@@ -62,5 +62,5 @@ def test_dare_apply_modes():
 def test_warm_up_leaves_every_kernel_compiled():
     kernels.warm_up()
     for kernel in (kernels.philox_fill, kernels.dare_l1_pass, kernels.dare_apply,
-                   kernels.abs_sum):
+                   kernels.abs_sum, kernels.dare_merge_block):
         assert kernel.signatures, kernel
