@@ -282,31 +282,44 @@ def cuda_section(family: dict[str, Path], merges: list[str]) -> None:
     last-bit difference of the factor is possible there).
     """
     import torch
+
+    if not torch.cuda.is_available():
+        log("\n--device cuda: no CUDA device here; the CUDA section is skipped.")
+        return
+    device = torch.device("cuda")
+    log(f"\nCUDA: {torch.cuda.get_device_properties(device).name}")
+    device_section(family, merges, device)
+
+
+def device_section(family: dict[str, Path], merges: list[str], device) -> dict[str, float]:
+    """Per merge: bytes touched / seconds of ``merge_tensor`` on ``device``, against the
+    device's measured copy bandwidth (the roofline). Returns GB/s per merge."""
+    import torch
     from safetensors import safe_open
 
     from tasks.config import parse_recipe
     from tasks.merge_math import merge_tensor
     from tasks.merging import build_spec
 
-    if not torch.cuda.is_available():
-        log("\n--device cuda: no CUDA device here; the CUDA section is skipped.")
-        return
-    device = torch.device("cuda")
-    props = torch.cuda.get_device_properties(device)
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     # measured copy bandwidth (read + write) as the roofline
-    x = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    x = torch.empty(1 << 26, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(5):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync()
     bandwidth = 5 * 2 * x.numel() * 4 / (time.perf_counter() - t)
     del x, y
-    log(f"\nCUDA: {props.name}, measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    log(f"{device.type}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     files = {r: safe_open(str(p / "model.safetensors"), "pt") for r, p in family.items()}
     names = list(files["base"].keys())
+    rates = {}
     for method in merges:
         recipe = parse_recipe(dareflow_recipe(method, str(family["base"]),
                                               [str(family[r]) for r in sorted(family)
@@ -317,19 +330,21 @@ def cuda_section(family: dict[str, Path], merges: list[str]) -> None:
         for i, name in enumerate(names):
             base = files["base"].get_tensor(name).to(device)
             fts = [files[r].get_tensor(name).to(device) for r in sorted(files) if r != "base"]
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             out = merge_tensor(name, base, fts, spec)
-            torch.cuda.synchronize()
+            sync()
             seconds += time.perf_counter() - t
             moved += base.nbytes * (1 + len(fts)) + out.nbytes
             if i == 0:
                 cpu = merge_tensor(name, base.cpu(), [f.cpu() for f in fts], spec)
                 same = torch.equal(cpu.view(torch.int16), out.cpu().view(torch.int16))
                 log(f"  {method}: {name} identical to the CPU result: {same}")
-        log(f"  {method}: {moved / 1e9:.1f} GB touched in {seconds:.2f} s = "
-            f"{moved / seconds / 1e9:.1f} GB/s ({moved / seconds / bandwidth:.1%} of copy "
-            f"bandwidth; DARE masks drawn on the GPU)")
+        rates[method] = moved / seconds / 1e9
+        log(f"  {method}: {moved / 1e9:.2f} GB touched in {seconds:.2f} s = "
+            f"{rates[method]:.1f} GB/s ({moved / seconds / bandwidth:.1%} of copy "
+            f"bandwidth; DARE masks drawn on the {device.type})")
+    return rates
 
 
 # ----------------------------------------------------------------------------- main

@@ -135,6 +135,19 @@ def test_cuda_section_skips_cleanly_without_a_gpu(family, monkeypatch, capsys):
     assert "no CUDA device here" in capsys.readouterr().out
 
 
+def test_device_section_runs_the_accelerator_code_path_on_cpu(family, monkeypatch, capsys):
+    # what --device cuda runs, on the CPU with the torch-op path accelerators take
+    from benchmarks import merge_vs_mergekit
+    from tasks.merge_math import blockwise
+
+    monkeypatch.setattr(blockwise._Merge, "kernels_enabled", False)
+    rates = merge_vs_mergekit.device_section(family, ["dare_ties", "ties"], torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert set(rates) == {"dare_ties", "ties"} and all(r > 0 for r in rates.values())
+    assert out.count("identical to the CPU result: True") == 2
+    assert "cpu: measured copy bandwidth" in out and "of copy bandwidth" in out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_cuda_merge_is_byte_identical_to_cpu(family, capsys):
