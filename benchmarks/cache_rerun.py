@@ -64,7 +64,7 @@ def _warm_up_prefect() -> float:
 
 
 def _flow_time(recipe: str, out: Path, store: Path, workers: int | None) -> tuple[float, int]:
-    from flows.merge import run_merge
+    from dareflow.flows.merge import run_merge
 
     started = time.perf_counter()
     result = run_merge(recipe, str(out), store=str(store), max_workers=workers)
@@ -73,7 +73,7 @@ def _flow_time(recipe: str, out: Path, store: Path, workers: int | None) -> tupl
 
 
 def _process_time(recipe: str, out: Path, store: Path, workers: int | None) -> float:
-    cmd = [sys.executable, "-m", "flows.cli", "merge", recipe, "--out", str(out),
+    cmd = [sys.executable, "-m", "dareflow.cli", "merge", recipe, "--out", str(out),
            "--store", str(store)]
     if workers:
         cmd += ["--max-workers", str(workers)]
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         ("rerun, nothing changed", str(run_dir / "recipe.yaml")),
         ("rerun, one drop rate changed", _write(run_dir / "changed.yaml",
                                                  _recipe(paths, (0.5, 0.6)))),
-        # the DARE delta gate (tasks.delta_stats) samples every tensor on every run; off,
+        # the DARE delta gate (dareflow.delta_stats) samples every tensor on every run; off,
         # what is left is the cache's own cost
         ("rerun, nothing changed, no gate", _write(run_dir / "nogate.yaml",
                                                    _recipe(paths, (0.5, 0.6), gate=False))),

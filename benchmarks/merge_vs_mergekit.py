@@ -143,7 +143,7 @@ class PrefectServer:
 
 def dareflow_exe() -> list[str]:
     exe = Path(sys.executable).parent / "dareflow"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dareflow.cli"]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -297,9 +297,9 @@ def device_section(family: dict[str, Path], merges: list[str], device) -> dict[s
     import torch
     from safetensors import safe_open
 
-    from tasks.config import parse_recipe
-    from tasks.merge_math import merge_tensor
-    from tasks.merging import build_spec
+    from dareflow.merge.steps import build_spec
+    from dareflow.methods import merge_tensor
+    from dareflow.recipe import parse_recipe
 
     def sync() -> None:
         if device.type == "cuda":
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # untimed: compile dareflow's kernels if this checkout has not yet (numba caches the
     # machine code on disk; every later process only loads it)
-    warm_up = "from tasks.merge_math.kernels import warm_up; warm_up()"
+    warm_up = "from dareflow.methods.kernels import warm_up; warm_up()"
     subprocess.run([sys.executable, "-c", warm_up], cwd=str(REPO), check=True)
     results: dict[str, dict[str, list[RunStats]]] = {}
     checks: list[tuple[str, bool, str]] = []

@@ -13,7 +13,7 @@ import torch
 
 #: The merges of the benchmark. For each: the mergekit config keys, and the dareflow
 #: variant options that make dareflow compute what mergekit computes (see the peer
-#: notes in tasks/merge_math/methods.py and configs/examples/dare_ties_as_mergekit.yaml).
+#: notes in src/dareflow/methods/table.py and configs/examples/dare_ties_as_mergekit.yaml).
 MERGES: dict[str, dict] = {
     "dare_ties": {
         "density": 0.5,

@@ -1,6 +1,6 @@
 """Layer-task throughput with 1 vs N Dask worker processes (how many workers to give a merge).
 
-    python -m deployments.bench_dask --workers 1 3 --layers 8 --hidden 256
+    python -m dareflow.deployments.bench_dask --workers 1 3 --layers 8 --hidden 256
 
 Builds a synthetic Llama family (a random base and two fine-tunes = base + small random
 deltas, float32) in a temporary folder, starts a local Dask cluster of N single-threaded
@@ -70,8 +70,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import distributed
-
-    from flows.merge import run_merge
+    from dareflow.flows.merge import run_merge
 
     with tempfile.TemporaryDirectory(prefix="dareflow-bench-") as tmp:
         root = Path(tmp)
@@ -88,7 +87,7 @@ def main() -> None:
             with distributed.LocalCluster(n_workers=n, processes=True, threads_per_worker=1,
                                           dashboard_address=None) as cluster, \
                     distributed.Client(cluster) as client:
-                client.run(lambda: __import__("tasks.merge_tasks"))  # warm the workers
+                client.run(lambda: __import__("dareflow.tasks.merge"))  # warm the workers
                 started = time.perf_counter()
                 out = root / f"out-{n}"
                 result = run_merge(str(recipe), str(out), store=str(root / f"store-{n}"),

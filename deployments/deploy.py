@@ -1,8 +1,8 @@
 """Nightly deployments: the one place that says what runs, when, where, and on which store.
 
-    python -m deployments.deploy --env dev                 # one per recipe in configs/
-    python -m deployments.deploy --env prod --recipe configs/paper/supermario_v1.yaml
-    python -m deployments.deploy --env dev --dry-run       # print what would be deployed
+    python -m dareflow.deployments.deploy --env dev                 # one per recipe in configs/
+    python -m dareflow.deployments.deploy --env prod --recipe configs/paper/supermario_v1.yaml
+    python -m dareflow.deployments.deploy --env dev --dry-run       # print what would be deployed
 
 Run from the repository checkout with ``PREFECT_API_URL`` pointing at the Prefect server. It
 creates, on that server:
@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dareflow.settings import CONFIGS_DIR
+
+#: the checkout deployments are made from (the flow runs' working directory on workers)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS_DIR = REPO_ROOT / "configs"
 #: Folders under configs/ whose recipes are deployed nightly (not suites/, sweeps/, tests/,
 #: which hold evaluation suites, sweep definitions and test inputs).
 RECIPE_DIRS = ("paper", "examples")
@@ -108,8 +110,8 @@ def deployment_specs(env: str, recipes: Sequence[str | Path], *, store: str | No
         KeyError: unknown ``env``.
         ValueError: a recipe is invalid, or two recipes share a name.
     """
-    from tasks import storage
-    from tasks.config import load_recipe, recipe_to_dict
+    from dareflow.io import storage
+    from dareflow.recipe import load_recipe, recipe_to_dict
 
     store = store or store_for(env)
     specs, problems, names = [], [], {}
@@ -211,7 +213,7 @@ def deploy(env: str, recipes: Sequence[str | Path] | None = None, *, store: str 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.deploy", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dareflow.deployments.deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", required=True, choices=sorted(ENVIRONMENTS),
                         help="environment: picks the store root (ENVIRONMENTS)")

@@ -1,6 +1,6 @@
 """`dareflow demo`: the offline demo, end to end.
 
-Builds the tiny family (tasks.demo_family), merges two fine-tunes with DARE + task
+Builds the tiny family (dareflow.demo.family), merges two fine-tunes with DARE + task
 arithmetic (configs/demo/demo.yaml) and without DARE, then scores every model on every
 skill with lm-eval (the `demo_skills` suite: greedy generation, exact match).
 """
@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from dareflow.flows.merge import run_merge
 
-from flows.merge import run_merge
-from tasks.config import parse_recipe
+from dareflow.recipe import parse_recipe
+from dareflow.settings import DEMO_RECIPE
 
-DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo" / "demo.yaml"
 _PLACEHOLDER = "dareflow-demo"
 
 
@@ -40,8 +40,9 @@ def run_demo(workdir: str = "dareflow-demo", *, drop_rate: float | None = None,
     Returns:
         The evaluation flow's result (comparison rows, markdown, results URI).
     """
-    from flows.evaluate import run_evaluate
-    from tasks.demo_family import build_demo_family
+    from dareflow.flows.evaluate import run_evaluate
+
+    from dareflow.demo.family import build_demo_family
 
     root = Path(workdir)
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The evaluation flow: wiring only (see tasks.eval_tasks).
+"""The evaluation flow: wiring only (see dareflow.tasks.evaluate).
 
 check the request → (offline mirror in the store) → fingerprint each model → one mapped task
 per (model × suite entry), each in its own process, cached by content → results table in the
@@ -8,19 +8,20 @@ store + Prefect table and markdown artifacts.
 import os
 from typing import Any, Literal
 
-from prefect import flow, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows.merge import default_store, result_storage
-from tasks import evaluating
-from tasks.eval_tasks import (
+from dareflow.flows.merge import result_storage
+from dareflow.tasks.evaluate import (
     evaluate_benchmark,
     fingerprint_model,
     outcome_of,
     prepare_mirror,
     write_results,
 )
-from tasks.evaluation.suite import suite_path
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dareflow.evaluation import jobs
+from dareflow.evaluation.suite import suite_path
+from dareflow.settings import default_store
 
 #: Benchmarks evaluated at once (each a process holding one model): the CPU backend's
 #: torch threads share the cores, so more processes than half the cores only add memory.
@@ -49,7 +50,7 @@ def evaluate_flow(models: dict[str, str], suite: str = "openllm_v1", limit: int 
     Returns:
         URIs of the files written, the comparison rows, the markdown and the failures.
     """
-    parsed = evaluating.check_request(models, suite, limit=limit, backend=backend,
+    parsed = jobs.check_request(models, suite, limit=limit, backend=backend,
                                       mirror=mirror, merged=merged)
     store = store or default_store()
     lm_tasks = [t.task for t in parsed.tasks if t.data is None]
@@ -70,7 +71,7 @@ def run_evaluate(models: dict[str, str], suite: str = "openllm_v1", *, limit: in
                  merged: str | None = None, results: str | None = None,
                  max_workers: int | None = None) -> dict[str, Any]:
     """Run the evaluation flow (what `dareflow eval` calls); checks run before any work."""
-    evaluating.check_request(models, suite, limit=limit, backend=backend, mirror=mirror,
+    jobs.check_request(models, suite, limit=limit, backend=backend, mirror=mirror,
                              merged=merged)
     runner = ThreadPoolTaskRunner(max_workers=max_workers or DEFAULT_EVAL_WORKERS)
     return evaluate_flow.with_options(task_runner=runner)(

@@ -1,4 +1,4 @@
-"""The merge flow: wiring only (see tasks.merge_tasks for the tasks).
+"""The merge flow: wiring only (see dareflow.tasks.merge for the tasks).
 
 mirror sources into the store (one mapped task per model, pinned revisions) → plan
 (headers, family check, layer units) → one mapped task per unit (DARE + fusion, writes
@@ -10,20 +10,21 @@ import json
 import os
 from typing import Any
 
-from prefect import flow, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from tasks import merging
-from tasks.config import load_recipe, parse_recipe, recipe_to_dict
-from tasks.merge_tasks import (
+from dareflow.tasks.experiments import check_deltas
+from dareflow.tasks.merge import (
     assemble_model,
     merge_unit,
     mirror_source,
     plan_merge,
     resolve_sources,
 )
-from tasks.sources import source_specs
-from tasks.sweep_tasks import check_deltas
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dareflow.merge import steps
+from dareflow.recipe import load_recipe, parse_recipe, recipe_to_dict
+from dareflow.settings import default_store
+from dareflow.sources.mirror import source_specs
 
 #: Default parallel unit tasks: bounded so peak memory stays ~max_workers units.
 DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -35,7 +36,7 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     """Merge the models of ``recipe`` into an HF folder at ``out``.
 
     Args:
-        recipe: The recipe as a mapping (see tasks.config.Recipe).
+        recipe: The recipe as a mapping (see dareflow.recipe.Recipe).
         out: Output folder or URI; refused if it exists and is not empty, unless
             ``overwrite``.
         store: Artifact store root (folder or s3:// URI) holding committed layer units
@@ -46,11 +47,11 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
         The manifest written next to the model, plus ``out`` and per-unit ``cached``.
     """
     parsed = parse_recipe(recipe, "recipe")
-    merging.warm_up_kernels(parsed)
+    steps.warm_up_kernels(parsed)
     store = store or default_store()
-    merging.check_output(out, overwrite=overwrite)
-    staging = merging.staging_uri(out)
-    merging.clear_staging(staging)
+    steps.check_output(out, overwrite=overwrite)
+    staging = steps.staging_uri(out)
+    steps.clear_staging(staging)
     mirrored = mirror_source.map(source_specs(parsed), unmapped(store)).result()
     sources = resolve_sources(recipe_to_dict(parsed), mirrored)
     results_in_store = result_storage(store)
@@ -71,13 +72,6 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
             "ran_on": {r["unit"]: r.get("ran_on") for r in results}}
 
 
-def default_store() -> str:
-    """``$DAREFLOW_STORE``, else a folder in the user's cache."""
-    return os.environ.get("DAREFLOW_STORE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "dareflow"
-    )
-
-
 def result_storage(store: str):
     """Prefect result storage inside the artifact store, so cache records travel with
     the units they describe. Object stores get a RemoteFileSystem block (saved under a
@@ -88,8 +82,8 @@ def result_storage(store: str):
 
     from prefect.filesystems import RemoteFileSystem
 
-    from tasks import storage
-    from tasks.s3config import storage_options_for
+    from dareflow.io import storage
+    from dareflow.io.s3 import storage_options_for
 
     uri = storage.join(store, "prefect-results")
     fs, path = storage.get_fs(uri)
@@ -155,7 +149,7 @@ def run_merge(recipe_path: str, out: str | None = None, *, store: str | None = N
     tasks run on threads here or on Dask (see :func:`task_runner_for`)."""
     runner = task_runner_for(max_workers, dask_address, dask_workers)
     recipe = load_recipe(recipe_path)
-    merging.warm_up_kernels(recipe)  # overlaps the flow run's start-up
+    steps.warm_up_kernels(recipe)  # overlaps the flow run's start-up
     out = out or recipe.output
     if not out:
         raise ValueError(

@@ -7,12 +7,12 @@ deployment can schedule it as it is.
 
 from typing import Any, Literal
 
+from dareflow.flows.evaluate import evaluate_flow
+from dareflow.flows.merge import merge_flow
 from prefect import flow
 
-from flows.evaluate import evaluate_flow
-from flows.merge import merge_flow
-from tasks import evaluating
-from tasks.config import load_recipe, recipe_to_dict
+from dareflow.evaluation import jobs
+from dareflow.recipe import load_recipe, recipe_to_dict
 
 
 @flow(name="dare-merge-and-evaluate")
@@ -26,7 +26,7 @@ def merge_and_evaluate_flow(recipe: str, out: str, suite: str = "openllm_v1",
     Args:
         recipe: path of the recipe YAML.
         out: local output folder of the merged model.
-        suite: suite name or file (see flows.evaluate.evaluate_flow).
+        suite: suite name or file (see dareflow.flows.evaluate.evaluate_flow).
         limit: documents per benchmark; None for all.
         store: artifact store for layer units, cached runs and results.
         backend: ``hf`` or ``vllm``.
@@ -38,11 +38,11 @@ def merge_and_evaluate_flow(recipe: str, out: str, suite: str = "openllm_v1",
         ``{"merge": {"out", "shards"}, "evaluation": <evaluate_flow's result>}``.
     """
     parsed = load_recipe(recipe)
-    evaluating.check_local_output(out)
-    evaluating.check_options(suite, limit=limit, backend=backend, mirror=mirror)
+    jobs.check_local_output(out)
+    jobs.check_options(suite, limit=limit, backend=backend, mirror=mirror)
     manifest = merge_flow(recipe=recipe_to_dict(parsed), out=out, store=store,
                           overwrite=overwrite)
-    models = evaluating.merge_eval_models(manifest, out)
+    models = jobs.merge_eval_models(manifest, out)
     evaluation = evaluate_flow(models=models, suite=suite, limit=limit, backend=backend,
                                store=store, mirror=mirror, merged="merged", results=results)
     return {"merge": {"out": manifest["out"], "shards": sorted(manifest["shards"])},

@@ -5,7 +5,7 @@
         bigbench-1.0.0/bigbench/benchmark_tasks/truthful_qa/
     python scripts/derive_truthfulqa.py /tmp/bb/bigbench-1.0.0/bigbench/benchmark_tasks/truthful_qa
 
-Writes ``tasks/evaluation/data/truthfulqa_mc.jsonl`` in the schema of the Hub dataset
+Writes ``src/dareflow/evaluation/data/truthfulqa_mc.jsonl`` in the schema of the Hub dataset
 ``truthfulqa/truthful_qa`` (config ``multiple_choice``) that lm-eval's ``truthfulqa_mc1`` and
 ``truthfulqa_mc2`` tasks read: ``question``, ``mc1_targets`` and ``mc2_targets``, each
 ``{"choices": [...], "labels": [...]}`` with the true answers first, as in the original

@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 # =============================================================================================
-# Checkpoint IO fixtures (tasks/storage.py, checkpoints.py, plan.py, assemble.py)
+# Checkpoint IO fixtures (src/dareflow/io/storage.py, checkpoints.py, plan.py, assemble.py)
 #
 # Tiny real Hugging Face models (built with transformers configs and save_pretrained, once
 # per session) and a moto S3 server. transformers is imported lazily: it is slow to import.
@@ -124,9 +124,9 @@ def s3_store(s3_server, monkeypatch: pytest.MonkeyPatch):
 
     Yields:
         ``(bucket_uri, storage_options)``: ``"s3://dareflow-test"`` and the s3fs options
-        to pass to every ``tasks.storage`` call (no AWS_* credentials variables needed).
+        to pass to every ``dareflow.io.storage`` call (no AWS_* credentials variables needed).
     """
-    from tasks import storage
+    from dareflow.io import storage
     from tests.servers import REGION
 
     # s3fs/botocore need a region; region_name must stay out of client_kwargs (ASSETS.md).
@@ -143,7 +143,7 @@ def s3_store(s3_server, monkeypatch: pytest.MonkeyPatch):
 
 
 # =============================================================================================
-# Object storage and download fixtures (tasks/s3config.py, tasks/download.py, tests/servers.py)
+# Object storage and download fixtures (src/dareflow/io/s3.py, src/dareflow/sources/download.py, tests/servers.py)
 #
 # Real servers on 127.0.0.1 (see tests/servers.py): a session-wide moto_server subprocess, a
 # fresh bucket per test with the AWS_* variables pointing at it, a disk-backed nanio server
@@ -180,7 +180,7 @@ def _fresh_bucket(monkeypatch: pytest.MonkeyPatch, server):
     import contextlib
     import uuid
 
-    from tasks import storage
+    from dareflow.io import storage
 
     _point_aws_env_at(monkeypatch, server)
     options = server.storage_options()

@@ -1,49 +1,42 @@
-"""Every YAML under configs/ is valid, so no config file can rot: recipes through
-tasks.config.load_recipe, evaluation suites through tasks.evaluation.suite.load_suite."""
-
-from __future__ import annotations
+"""Every YAML under configs/ is valid, so no config file can rot; ``dareflow validate`` knows
+every kind shipped (recipes, suites, sweeps, grids, similarity experiments) and names it."""
 
 from pathlib import Path
 
 import pytest
 
-from flows.cli import main as cli_main
-from tasks.config import load_recipe
-from tasks.evaluating import looks_like_suite
-from tasks.evaluation.results import OPENLLM_V1_METRICS
-from tasks.evaluation.suite import load_suite
+from dareflow.cli import main as cli_main
+from dareflow.cli.validate import check, config_path, kind_of
+from dareflow.errors import ProblemsError
+from dareflow.evaluation.results import OPENLLM_V1_METRICS
+from dareflow.evaluation.suite import load_suite
+from dareflow.settings import CONFIGS_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FILES = sorted(p for p in CONFIGS.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+FILES = sorted(p for p in CONFIGS_DIR.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+#: the kind each shipped folder holds
+FOLDER_KINDS = {"paper": {"recipe"}, "examples": {"recipe"}, "demo": {"recipe"},
+                "suites": {"suite"}, "sweeps": {"sweep", "grid", "similarity"}}
 
 
 def test_configs_are_found():
-    names = {p.relative_to(CONFIGS).as_posix() for p in FILES}
+    names = {p.relative_to(CONFIGS_DIR).as_posix() for p in FILES}
     assert {"suites/openllm_v1.yaml", "suites/demo_skills.yaml",
-            "paper/supermario_v1.yaml"} <= names
+            "paper/supermario_v1.yaml", "sweeps/demo_grid.yaml"} <= names
+    assert CONFIGS_DIR == Path(__file__).resolve().parents[1] / "configs"  # editable install
 
 
-def _load_sweep(path: Path) -> object:
-    """A sweep experiment config (configs/sweeps/): one of tasks.sweeps' config models."""
-    from tasks import sweeps
-
-    problems = []
-    for model in (sweeps.GridConfig, sweeps.SimilarityConfig, sweeps.SweepConfig):
-        try:
-            return sweeps.load_config(path, model)
-        except ValueError as e:
-            problems.append(f"as {model.__name__}: {e}")
-    raise ValueError("\n".join(problems))
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.relative_to(CONFIGS_DIR).as_posix())
+def test_config_file_is_valid_and_of_its_folders_kind(path: Path):
+    kind = check(path).split(":")[0]
+    assert kind in FOLDER_KINDS[path.parent.name]
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
-def test_config_file_is_valid(path: Path):
-    if looks_like_suite(path):
-        assert load_suite(path).tasks
-    elif path.parent.name == "sweeps":
-        assert _load_sweep(path)
-    else:
-        assert load_recipe(path).merge_method
+def test_validate_every_shipped_file_at_once(capsys):
+    assert cli_main(["validate", *map(str, FILES)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(FILES)
+    kinds = {line.split(": ", 1)[1].split(":")[0] for line in out}
+    assert kinds == {"recipe", "suite", "sweep", "grid", "similarity"}
 
 
 def test_v1_suite_matches_the_leaderboard_average():
@@ -55,12 +48,30 @@ def test_v1_suite_matches_the_leaderboard_average():
 
 
 def test_validate_command_checks_suites_and_recipes(tmp_path: Path, capsys):
-    assert cli_main(["validate", str(CONFIGS / "suites/openllm_v1.yaml"),
-                     str(CONFIGS / "paper/supermario_v1.yaml")]) == 0
+    assert cli_main(["validate", "openllm_v1", "paper/supermario_v1",
+                     str(CONFIGS_DIR / "sweeps/demo_arithmetic.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "suite openllm_v1, 6 task(s)" in out and "dare_linear" in out
+    assert "ok   openllm_v1: suite: openllm_v1, 6 task(s)" in out
+    assert "ok   paper/supermario_v1: recipe: dare_linear" in out
+    assert "demo_arithmetic.yaml: sweep: demo-arithmetic" in out
     bad = tmp_path / "bad_suite.yaml"
     bad.write_text("name: bad\ntasks:\n  - {name: arc, shots: 99, metric: acc}\n")
     assert cli_main(["validate", str(bad)]) == 1
     err = capsys.readouterr().err
-    assert "invalid suite" in err and "shots" in err and "less than or equal to 64" in err
+    assert f"{bad}: 1 problem:" in err and "tasks.0.shots" in err
+    assert "less than or equal to 64" in err
+
+
+def test_sweep_with_a_typo_is_named(tmp_path: Path, capsys):
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text("name: s\nfinetuned: arithmetic\ndrop_rates: [0.5]\ndrop_rate: [0.1]\n"
+                   "evaluation: {skills: [arithmetic]}\n")
+    assert cli_main(["validate", str(bad)]) == 1
+    assert "drop_rate: unknown key" in capsys.readouterr().err
+
+
+def test_unknown_kind_and_unknown_name_are_explained(tmp_path: Path):
+    with pytest.raises(ProblemsError, match="cannot tell which kind of config this is"):
+        kind_of({"nom": 1}, "x.yaml")
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped config"):
+        config_path("paper/nope")

@@ -19,7 +19,7 @@ from benchmarks.report import (
     format_table,
     mergekit_config,
 )
-from tasks.config import parse_recipe
+from dareflow.recipe import parse_recipe
 
 TINY = FamilySpec(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=128)
 
@@ -138,7 +138,7 @@ def test_cuda_section_skips_cleanly_without_a_gpu(family, monkeypatch, capsys):
 def test_device_section_runs_the_accelerator_code_path_on_cpu(family, monkeypatch, capsys):
     # what --device cuda runs, on the CPU with the torch-op path accelerators take
     from benchmarks import merge_vs_mergekit
-    from tasks.merge_math import blockwise
+    from dareflow.methods import blockwise
 
     monkeypatch.setattr(blockwise._Merge, "kernels_enabled", False)
     rates = merge_vs_mergekit.device_section(family, ["dare_ties", "ties"], torch.device("cpu"))

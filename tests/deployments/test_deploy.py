@@ -4,8 +4,7 @@ them on a real one)."""
 import json
 
 import pytest
-
-from deployments import deploy
+from dareflow.deployments import deploy
 
 
 def test_every_recipe_in_configs_gets_a_nightly_deployment():

@@ -19,8 +19,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from dareflow.deployments import deploy
 
-from deployments import deploy
 from tests.flows.conftest import write_recipe
 from tests.servers import free_port, process_group_alive
 
@@ -120,7 +120,7 @@ def test_nightly_deployment_runs_on_a_worker_into_s3(pico_family, s3_bucket, tmp
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks import storage
+    from dareflow.io import storage
 
     started = time.monotonic()
     home = tmp_path / "prefect-home"
@@ -167,7 +167,7 @@ def test_nightly_deployment_runs_on_a_worker_into_s3(pico_family, s3_bucket, tmp
         procs.append(worker)
         # Deploy exactly as a user does; the store comes from the deploy command.
         deployed = subprocess.run(
-            [sys.executable, "-m", "deployments.deploy", "--env", "dev",
+            [sys.executable, "-m", "dareflow.deployments.deploy", "--env", "dev",
              "--store", s3_bucket.uri, "--recipe", str(recipe)],
             env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
         )

@@ -1,4 +1,4 @@
-"""Two runs of one recipe at once: unit leases (tasks/leases.py) and the merge flow."""
+"""Two runs of one recipe at once: unit leases (src/dareflow/io/leases.py) and the merge flow."""
 
 import contextlib
 import hashlib
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import leases, storage
+from dareflow.io import leases, storage
 from tests.flows.conftest import write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +105,7 @@ def test_s3_lease_uses_a_conditional_put(s3_bucket):
 def _start_merge(recipe: Path, out: Path, store: Path, log: Path, env: dict) -> tuple:
     sink = open(log, "wb")  # noqa: SIM115 - closed by _finish
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "merge", str(recipe), "--out", str(out),
+        [sys.executable, "-m", "dareflow.cli", "merge", str(recipe), "--out", str(out),
          "--store", str(store), "--max-workers", "2"],
         env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     return proc, sink

@@ -12,13 +12,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from dareflow.flows.evaluate import run_evaluate
+from dareflow.tasks import evaluate
 
-from flows.cli import main as cli_main
-from flows.evaluate import run_evaluate
-from tasks import eval_tasks, evaluating
-from tasks.evaluation.results import COLUMNS
+from dareflow.cli import main as cli_main
+from dareflow.evaluation import jobs
+from dareflow.evaluation.results import COLUMNS
 from tests.flows.conftest import make_finetune, write_recipe
-from tests.tasks.evaluation.conftest import build_tiny_lm
+from tests.evaluation.conftest import build_tiny_lm
 
 TWO_TASKS = """\
 name: two_v1
@@ -86,7 +87,7 @@ def test_flow_two_models_table_store_artifact_and_cache(tiny_models, two_tasks, 
 
     # the tidy table: parquet and CSV in the store, same content
     table = pd.read_parquet(out["parquet"])
-    assert list(table.columns) == COLUMNS + evaluating.STATUS_COLUMNS
+    assert list(table.columns) == COLUMNS + jobs.STATUS_COLUMNS
     csv = pd.read_csv(out["csv"], dtype={"lm_eval_version": str, "error": str})
     pd.testing.assert_frame_equal(table.drop(columns="error"), csv.drop(columns="error"),
                                   check_dtype=False)
@@ -97,7 +98,7 @@ def test_flow_two_models_table_store_artifact_and_cache(tiny_models, two_tasks, 
     assert primary.loc[("a", "winogrande"), "shots"] == 5
     assert primary.loc[("a", "truthfulqa_mc2"), "shots"] == 0
     assert set(table.status) == {"ok"} and set(table.lm_eval_version) == {"0.4.13"}
-    fp = {k: evaluating.model_fingerprint(v)["revision"] for k, v in models.items()}
+    fp = {k: jobs.model_fingerprint(v)["revision"] for k, v in models.items()}
     assert fp["a"] != fp["b"]  # same headers, different weights
     assert dict(zip(table.model, table.revision)) == fp
     # winogrande with 2 documents scores 0, 0.5 or 1
@@ -135,7 +136,7 @@ def test_flow_two_models_table_store_artifact_and_cache(tiny_models, two_tasks, 
     # a deleted cached result is evaluated again (and only that one); the others now come
     # from Prefect's cache (state Cached)
     gone = next(r for r in out["runs"] if (r["label"], r["task"]) == ("b", "winogrande"))
-    Path(evaluating.result_uri(store, gone["key"])).unlink()
+    Path(jobs.result_uri(store, gone["key"])).unlink()
     third = run_evaluate(models, str(two_tasks), limit=2, store=store, mirror=True,
                          max_workers=2)
     launched = {(r["label"], r["task"]) for r in third["runs"] if r["launched"]}
@@ -150,7 +151,7 @@ def test_flow_two_models_table_store_artifact_and_cache(tiny_models, two_tasks, 
 def test_failed_benchmark_is_marked_and_others_report(tiny_models, two_tasks, tmp_path,
                                                       monkeypatch, capsys):
     """A deterministic failure is not retried, is marked in the table, and the CLI exits 1."""
-    monkeypatch.setenv("DAREFLOW_FAULT", "eval:winogrande")
+    monkeypatch.setenv("DAREFLOW_FAULT", "eval-winogrande:raise")
     store = tmp_path / "store"
     code = cli_main(["eval", f"merged={tiny_models['a']}", "--suite", str(two_tasks),
                      "--limit", "2", "--store", str(store), "--offline-mirror",
@@ -158,7 +159,7 @@ def test_failed_benchmark_is_marked_and_others_report(tiny_models, two_tasks, tm
     captured = capsys.readouterr()
     assert code == 1
     assert ("FAILED merged/winogrande: EvaluationError: merged/winogrande: RuntimeError: "
-            "injected fault in winogrande (DAREFLOW_FAULT=eval:winogrande)") in captured.err
+            "injected fault at eval-winogrande (DAREFLOW_FAULT=eval-winogrande:raise)") in captured.err
     assert "| merged | failed |" in captured.out
     [results] = list((store / "results").iterdir())
     table = pd.read_parquet(results / "results.parquet")
@@ -180,8 +181,8 @@ def test_killed_child_is_retried(tiny_models, tmp_path, monkeypatch):
     """A child killed as by the OOM killer is a transient failure: retried, then reported."""
     suite = tmp_path / "one.yaml"
     suite.write_text("name: one\ntasks:\n  - {name: truthfulqa_mc2, shots: 0, metric: acc}\n")
-    monkeypatch.setattr(eval_tasks.evaluate_benchmark, "retry_delay_seconds", [0, 0])
-    monkeypatch.setenv("DAREFLOW_FAULT", f"eval-kill:truthfulqa_mc2:{tmp_path / 'killed'}")
+    monkeypatch.setattr(evaluate.evaluate_benchmark, "retry_delay_seconds", [0, 0])
+    monkeypatch.setenv("DAREFLOW_FAULT", f"eval-truthfulqa_mc2:kill-once:{tmp_path / 'killed'}")
     out = run_evaluate({"a": str(tiny_models["a"])}, str(suite), limit=2,
                        store=str(tmp_path / "store"), mirror=True)
     assert (tmp_path / "killed").exists() and out["failures"] == []
@@ -206,22 +207,22 @@ def test_bad_requests_fail_before_any_work(tiny_models, tmp_path):
                                        "offline mirror"):
         run_evaluate({"a": a}, str(other), mirror=True)
     with pytest.raises(ValueError, match="model label 'a' given twice"):
-        evaluating.parse_model_specs([f"a={a}", a])
-    assert evaluating.parse_model_specs([f"m={a}", a]) == {"m": a, "a": a}
+        jobs.parse_model_specs([f"a={a}", a])
+    assert jobs.parse_model_specs([f"m={a}", a]) == {"m": a, "a": a}
     assert not list(tmp_path.glob("**/eval-results"))
 
 
 def test_vllm_backend_is_refused_cleanly_without_vllm_or_gpu():
-    if evaluating.vllm_available() and torch.cuda.is_available():
+    if jobs.vllm_available() and torch.cuda.is_available():
         pytest.skip("vllm and a GPU are present: see test_vllm_backend_on_gpu")
     with pytest.raises(ValueError, match="backend 'vllm' needs"):
-        evaluating.check_backend("vllm")
+        jobs.check_backend("vllm")
     with pytest.raises(ValueError, match="unknown backend 'vlm'"):
-        evaluating.check_backend("vlm")
+        jobs.check_backend("vlm")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not evaluating.vllm_available(), reason="vllm is not installed")
+@pytest.mark.skipif(not jobs.vllm_available(), reason="vllm is not installed")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_vllm_backend_on_gpu(tmp_path):
     """The vllm backend end to end (a model vLLM's kernels support: head_dim 64)."""
@@ -281,7 +282,7 @@ def test_merge_and_evaluate(pico_family, tmp_path, capsys):
     assert code == 0
     rows = [line.split("|")[1].strip() for line in io.StringIO(out) if line.startswith("| ")]
     assert rows == ["model", "merged", "base", "ft-a", "ft-b"]
-    merged_fp = evaluating.model_fingerprint(str(tmp_path / "merged"))
+    merged_fp = jobs.model_fingerprint(str(tmp_path / "merged"))
     assert merged_fp["kind"] == "manifest"
     shutil.rmtree(tmp_path / "merged")
 
@@ -293,17 +294,17 @@ def test_mirror_in_an_s3_store_is_uploaded_then_materialised(s3_bucket, tmp_path
     monkeypatch.setenv("DAREFLOW_CACHE", str(tmp_path / "machine-1"))
     assert cli_main(["mirror", "prepare", "--store", store, "--tasks", "winogrande",
                      "truthfulqa_mc2"]) == 0
-    first = evaluating.ensure_mirror(store, ["winogrande", "truthfulqa_mc2"])
+    first = jobs.ensure_mirror(store, ["winogrande", "truthfulqa_mc2"])
     assert first["prepared"] is False and first["mirror_uri"] == f"{store}/eval-mirror"
-    from tasks import storage
+    from dareflow.io import storage
 
     assert storage.exists(f"{store}/eval-mirror/data/winogrande/validation.jsonl")
 
     monkeypatch.setenv("DAREFLOW_CACHE", str(tmp_path / "machine-2"))
-    second = evaluating.ensure_mirror(store, ["winogrande"])
+    second = jobs.ensure_mirror(store, ["winogrande"])
     assert second["prepared"] is False
     assert second["mirror_dir"].startswith(str(tmp_path / "machine-2"))
-    manifest = evaluating.verify_mirror(second["mirror_dir"])
+    manifest = jobs.verify_mirror(second["mirror_dir"])
     assert sorted(manifest["tasks"]) == ["truthfulqa_mc2", "winogrande"]
     assert (Path(second["mirror_dir"]) / "data/winogrande/validation.jsonl").read_bytes() == \
         (Path(first["mirror_dir"]) / "data/winogrande/validation.jsonl").read_bytes()

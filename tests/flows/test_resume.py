@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from dareflow.flows.merge import run_merge
 
-from flows.merge import run_merge
 from tests.flows.conftest import write_recipe
 
 
@@ -36,7 +36,7 @@ def _merge_in_subprocess(recipe: Path, out: Path, store: Path, fault: str) -> in
     log = out.parent / "merge.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "merge", str(recipe), "--out", str(out),
+            [sys.executable, "-m", "dareflow.cli", "merge", str(recipe), "--out", str(out),
              "--store", str(store), "--max-workers", "1"],
             env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
             cwd=Path(__file__).resolve().parents[2],

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from dareflow.flows.merge import run_merge
 
-from flows.cli import main
-from flows.merge import run_merge
-from tasks import storage
+from dareflow.cli import main
+from dareflow.io import storage
 from tests.flows.conftest import write_recipe
 
 # Distinctive values: grep finds them only if they leaked.
@@ -115,7 +115,7 @@ def _merge_in_subprocess(args: list[str], log: Path, env: dict[str, str]) -> int
     """`dareflow merge ARGS` in its own process group; the group is killed afterwards so
     its temporary Prefect server never outlives the test."""
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "merge", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "dareflow.cli", "merge", *args],
                                 env=env, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=ROOT)
         try:

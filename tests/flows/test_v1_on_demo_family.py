@@ -16,11 +16,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows.cli import main as cli_main
-from tasks.demo_family import build_demo_family
-from tasks.evaluation.mirror import mmlu_subjects
-from tasks.evaluation.results import COLUMNS
-from tasks.evaluation.suite import load_suite
+from dareflow.cli import main as cli_main
+from dareflow.demo.family import build_demo_family
+from dareflow.evaluation.mirror import mmlu_subjects
+from dareflow.evaluation.results import COLUMNS
+from dareflow.evaluation.suite import load_suite
 
 V1 = load_suite("openllm_v1")
 LIMIT = 2

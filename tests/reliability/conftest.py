@@ -61,7 +61,7 @@ def refused(recipe: dict, tmp_path: Path, *, error=ValueError,
     Returns:
         The error message.
     """
-    from flows.merge import run_merge
+    from dareflow.flows.merge import run_merge
 
     out, store = tmp_path / "out", tmp_path / "store"
     out.mkdir(exist_ok=True)

@@ -8,9 +8,9 @@ import shutil
 
 import pandas as pd
 import pytest
+from dareflow.flows.evaluate import run_evaluate
 
-from flows.evaluate import run_evaluate
-from tests.tasks.evaluation.conftest import build_tiny_lm
+from tests.evaluation.conftest import build_tiny_lm
 
 ONE_TASK = """\
 name: one_v1

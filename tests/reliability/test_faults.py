@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from dareflow.flows.merge import run_merge
 
-from flows.merge import run_merge
 from tests.reliability.conftest import committed_units, snapshot, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def _prefect_api_url() -> str:
 def _killed_merge(recipe: Path, out: Path, store: Path, fault: str, *,
                   overwrite: bool = False) -> int:
     env = {**os.environ, "DAREFLOW_FAULT": fault, "PREFECT_API_URL": _prefect_api_url()}
-    argv = [sys.executable, "-m", "flows.cli", "merge", str(recipe), "--out", str(out),
+    argv = [sys.executable, "-m", "dareflow.cli", "merge", str(recipe), "--out", str(out),
             "--store", str(store), "--max-workers", "1"]
     with open(out.parent / f"merge-{fault.replace(':', '-')}.log", "wb") as log:
         proc = subprocess.Popen(argv + (["--overwrite"] if overwrite else []), env=env,

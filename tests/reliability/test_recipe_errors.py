@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import RecipeError, parse_recipe
+from dareflow.errors import ProblemsError
+from dareflow.recipe import parse_recipe
 from tests.reliability.conftest import refused
 
 
 def _problems(data: dict) -> list[str]:
-    with pytest.raises(RecipeError) as caught:
+    with pytest.raises(ProblemsError) as caught:
         parse_recipe(data, "r.yaml")
     return caught.value.problems
 

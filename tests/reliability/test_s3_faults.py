@@ -1,4 +1,4 @@
-"""Transient object-store errors are retried by tasks.storage with bounded backoff: a
+"""Transient object-store errors are retried by dareflow.io.storage with bounded backoff: a
 server down for a while, one restarted during a merge, and throttling (503 SlowDown)."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from dareflow.flows.merge import run_merge
 
-from flows.merge import run_merge
-from tasks import storage
+from dareflow.io import storage
 from tests.reliability.conftest import write_recipe
 from tests.servers import free_port
 
-# botocore's and s3fs's own retries off, so what is measured is tasks.storage's
+# botocore's and s3fs's own retries off, so what is measured is dareflow.io.storage's
 NO_CLIENT_RETRIES = {"config_kwargs": {"s3": {"addressing_style": "path"},
                                        "retries": {"max_attempts": 1},
                                        "connect_timeout": 2, "read_timeout": 5},
@@ -58,7 +58,7 @@ class _Keep(logging.Handler):
 
 def test_read_waits_for_a_server_that_comes_back(nanio_bucket, fast_retries):
     uri, _, server = nanio_bucket
-    kept, logger = _Keep(), logging.getLogger("tasks.storage")
+    kept, logger = _Keep(), logging.getLogger("dareflow.io.storage")
     # another library's logging.config.dictConfig may have disabled existing loggers
     was_disabled, logger.disabled = logger.disabled, False
     logger.addHandler(kept)

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from dareflow.flows.merge import run_merge
 
-from flows.merge import run_merge
 from tests.reliability.conftest import WEIGHTS, refused, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ def test_no_code_enables_trust_remote_code():
 def test_evaluation_runs_without_remote_code_by_default(tmp_path):
     from lm_eval.models.huggingface import HFLM
 
-    from tasks.evaluation.runner import model_spec
+    from dareflow.evaluation.runner import model_spec
 
     name, args = model_spec(tmp_path, "hf", "cpu")
     assert name == "hf" and args.get("trust_remote_code", False) is False

@@ -1,0 +1,1 @@
+"""Shipped recipes, sweeps, grids and evaluation suites (package data: ``dareflow.configs``)."""

@@ -1,0 +1,23 @@
+"""``dareflow mirror prepare``: the offline copy of the Open LLM Leaderboard v1 data."""
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mirror", help="the offline evaluation data mirror")
+    mirror_sub = p.add_subparsers(dest="mirror_command", required=True)
+    q = mirror_sub.add_parser("prepare", help="write the offline v1 mirror into the store")
+    q.add_argument("--store", default=None, help="artifact store (default: $DAREFLOW_STORE "
+                   "or ~/.cache/dareflow); the mirror goes to {store}/eval-mirror/")
+    q.add_argument("--tasks", nargs="+", default=None, help="subset of the six v1 tasks")
+    q.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dareflow.evaluation.jobs import ensure_mirror  # heavy (pandas, datasets)
+    from dareflow.settings import default_store
+
+    info = ensure_mirror(args.store or default_store(), args.tasks)
+    state = "prepared" if info["prepared"] else "already there (verified)"
+    print(f"offline mirror {state}: {info['mirror_uri']} (local copy {info['mirror_dir']})")
+    return 0

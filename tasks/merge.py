@@ -1,0 +1,109 @@
+"""Prefect tasks of the merge flow: thin wrappers over ``dareflow.merge.steps``.
+
+Each task reads, calls pure code, writes, and returns URIs plus small metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.context import TaskRunContext
+
+from dareflow.errors import is_transient
+from dareflow.merge import steps
+from dareflow.recipe import parse_recipe
+from dareflow.sources import mirror
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: only network/server errors (``dareflow.errors.is_transient``)."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return is_transient(exc)
+
+
+@task(name="mirror-source", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=_transient, task_run_name="mirror-{spec[role]}")
+def mirror_source(spec: dict[str, Any], store_uri: str) -> dict[str, Any]:
+    """Pin one model to a revision and mirror it into the store once (dareflow.sources.mirror)."""
+    record = mirror.mirror_model(spec, store_uri)
+    get_run_logger().info(
+        "%s %s: %s revision %s, %s %s", record["role"], record["model"], record["kind"],
+        record["revision"], "read in place" if record["in_place"]
+        else "already mirrored" if record["cached"] else "mirrored to", record["uri"],
+    )
+    return record
+
+
+@task(name="resolve-sources", cache_policy=NONE)
+def resolve_sources(recipe: dict[str, Any], mirrored: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join the mirrored models into base/model URIs and the recorded sources list."""
+    return mirror.collect_sources(parse_recipe(recipe, "<recipe>"), mirrored)
+
+
+@task(name="plan-merge", cache_policy=NONE)
+def plan_merge(recipe: dict[str, Any], sources: dict[str, Any], work_uri: str,
+               store_uri: str) -> dict[str, Any]:
+    """Read headers, check the family, split into layer units with content keys."""
+    plan = steps.plan_merge(
+        parse_recipe(recipe, "<recipe>"),
+        base_uri=sources["base_uri"],
+        model_uris=sources["model_uris"],
+        work_uri=work_uri,
+        store_uri=store_uri,
+        sources=sources["sources"],
+    )
+    get_run_logger().info(
+        "planned %d units (%d tensors) for %d model(s), output dtype %s",
+        len(plan.units), sum(len(u.tensors) for u in plan.units), len(plan.model_uris),
+        plan.out_dtype,
+    )
+    return plan.to_dict()
+
+
+def unit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Prefect cache key of a unit: its content key, but only while its output is
+    committed in the store, so a deleted or truncated shard is recomputed rather than
+    reported as cached."""
+    plan = steps.MergePlan.from_dict(parameters["plan"])
+    job = _job(parameters["unit"])
+    if steps.committed_unit(plan, job) is None:
+        return None
+    return f"dareflow-unit-{job.key}"
+
+
+def _job(unit: dict[str, Any]) -> steps.UnitJob:
+    return steps.UnitJob(unit["unit"], tuple(unit["tensors"]), unit["key"])
+
+
+@task(name="merge-unit", cache_key_fn=unit_cache_key, persist_result=True,
+      task_run_name="merge-{unit[unit]}")
+def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+    """DARE + fusion of one layer unit; writes its shard and returns its URI and sha256."""
+    started = time.perf_counter()
+    merge_plan, job = steps.MergePlan.from_dict(plan), _job(unit)
+    try:
+        result = steps.merge_unit(merge_plan, job)
+    finally:  # a failed unit must not keep its lease (others would wait for it)
+        steps.release_unit(merge_plan, job)
+    get_run_logger().info(
+        "unit %s: %s, %d tensors, %.1f MB in %.2f s", unit["unit"],
+        "already committed" if result["cached"] else "merged", len(unit["tensors"]),
+        result["nbytes"] / 1e6, time.perf_counter() - started,
+    )
+    # host:pid of the process that ran it: shows how units spread over (Dask) workers.
+    return {**result, "ran_on": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+@task(name="assemble-model", cache_policy=NONE)
+def assemble_model(plan: dict[str, Any], results: list[dict[str, Any]], out_uri: str) -> dict[str, Any]:
+    """Write index, config, tokenizer, model card and manifest; publish the folder."""
+    manifest = steps.assemble_model(steps.MergePlan.from_dict(plan), results,
+                                      plan["work_uri"])
+    steps.publish(plan["work_uri"], out_uri)
+    get_run_logger().info("published merged model to %s", out_uri)
+    return manifest
