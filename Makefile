@@ -29,5 +29,6 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -m "not gpu"
 
+# ruff on every Python folder; the import contracts run in the test suite (tests/test_packaging.py)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check flows tasks tests
+	$(VENV)/bin/ruff check src flows tasks deployments tests benchmarks scripts

@@ -297,7 +297,7 @@ def device_section(family: dict[str, Path], merges: list[str], device) -> dict[s
     import torch
     from safetensors import safe_open
 
-    from dareflow.merge.steps import build_spec
+    from dareflow.merge.plan import build_spec
     from dareflow.methods import merge_tensor
     from dareflow.recipe import parse_recipe
 

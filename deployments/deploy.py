@@ -73,8 +73,9 @@ MERGE_AND_EVALUATE = FlowTarget("flows/merge_and_evaluate.py:merge_and_evaluate_
                                 evaluates=True, recipe_inline=False)
 MERGE_ONLY = FlowTarget("flows/merge.py:merge_flow", evaluates=False, recipe_inline=True)
 
-#: What every nightly deployment runs. MERGE_ONLY until flows/merge_and_evaluate.py lands;
-#: then set it to MERGE_AND_EVALUATE (this one line).
+#: What every nightly deployment runs: the merge only, for now. Nightly evaluation (per-recipe
+#: suite and limit, score history, regressions, a GPU work pool) is issue 16; switching this
+#: to MERGE_AND_EVALUATE alone would evaluate the v1 suite from the Hub on the merge workers.
 FLOW = MERGE_ONLY
 
 

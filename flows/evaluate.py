@@ -13,13 +13,13 @@ from dareflow.tasks.evaluate import (
     evaluate_benchmark,
     fingerprint_model,
     outcome_of,
-    prepare_mirror,
-    write_results,
+    stage_mirror,
+    publish_results,
 )
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dareflow.evaluation import jobs
+from dareflow.evaluation.checks import check_request
 from dareflow.evaluation.suite import suite_path
 from dareflow.settings import default_store
 
@@ -50,11 +50,11 @@ def evaluate_flow(models: dict[str, str], suite: str = "openllm_v1", limit: int 
     Returns:
         URIs of the files written, the comparison rows, the markdown and the failures.
     """
-    parsed = jobs.check_request(models, suite, limit=limit, backend=backend,
-                                      mirror=mirror, merged=merged)
+    parsed = check_request(models, suite, limit=limit, backend=backend, mirror=mirror,
+                           merged=merged)
     store = store or default_store()
     lm_tasks = [t.task for t in parsed.tasks if t.data is None]
-    mirror_dir = prepare_mirror(store, lm_tasks)["mirror_dir"] if mirror and lm_tasks else None
+    mirror_dir = stage_mirror(store, lm_tasks)["mirror_dir"] if mirror and lm_tasks else None
     fps = [fingerprint_model(label, uri) for label, uri in models.items()]
     pairs = [(fp, t.model_dump(mode="json")) for fp in fps for t in parsed.tasks]
     runs = evaluate_benchmark.with_options(result_storage=result_storage(store)).map(
@@ -62,7 +62,7 @@ def evaluate_flow(models: dict[str, str], suite: str = "openllm_v1", limit: int 
         unmapped(backend), unmapped(mirror_dir))
     outcomes = [outcome_of(f, m, e) for f, (m, e) in zip(runs, pairs)]
     merged = merged or next(iter(models))
-    return write_results(outcomes, str(suite_path(suite)), merged,
+    return publish_results(outcomes, str(suite_path(suite)), merged,
                          [label for label in models if label != merged], results, store)
 
 
@@ -71,8 +71,7 @@ def run_evaluate(models: dict[str, str], suite: str = "openllm_v1", *, limit: in
                  merged: str | None = None, results: str | None = None,
                  max_workers: int | None = None) -> dict[str, Any]:
     """Run the evaluation flow (what `dareflow eval` calls); checks run before any work."""
-    jobs.check_request(models, suite, limit=limit, backend=backend, mirror=mirror,
-                             merged=merged)
+    check_request(models, suite, limit=limit, backend=backend, mirror=mirror, merged=merged)
     runner = ThreadPoolTaskRunner(max_workers=max_workers or DEFAULT_EVAL_WORKERS)
     return evaluate_flow.with_options(task_runner=runner)(
         models=models, suite=suite, limit=limit, backend=backend, store=store, mirror=mirror,

@@ -13,18 +13,19 @@ from typing import Any
 from dareflow.tasks.experiments import check_deltas
 from dareflow.tasks.merge import (
     assemble_model,
+    make_plan,
     merge_unit,
     mirror_source,
-    plan_merge,
     resolve_sources,
 )
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dareflow.merge import steps
+from dareflow.merge import output
+from dareflow.merge.plan import warm_up_kernels
 from dareflow.recipe import load_recipe, parse_recipe, recipe_to_dict
 from dareflow.settings import default_store
-from dareflow.sources.mirror import source_specs
+from dareflow.sources import source_specs
 
 #: Default parallel unit tasks: bounded so peak memory stays ~max_workers units.
 DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -47,17 +48,17 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
         The manifest written next to the model, plus ``out`` and per-unit ``cached``.
     """
     parsed = parse_recipe(recipe, "recipe")
-    steps.warm_up_kernels(parsed)
+    warm_up_kernels(parsed)
     store = store or default_store()
-    steps.check_output(out, overwrite=overwrite)
-    staging = steps.staging_uri(out)
-    steps.clear_staging(staging)
+    output.check_output(out, overwrite=overwrite)
+    staging = output.staging_uri(out)
+    output.clear_staging(staging)
     mirrored = mirror_source.map(source_specs(parsed), unmapped(store)).result()
     sources = resolve_sources(recipe_to_dict(parsed), mirrored)
     results_in_store = result_storage(store)
     # DARE gate: refuses deltas too large for DARE; cached by input fingerprints
     check_deltas.with_options(result_storage=results_in_store)(recipe_to_dict(parsed), sources)
-    plan = plan_merge(recipe_to_dict(parsed), sources, staging, store)
+    plan = make_plan(recipe_to_dict(parsed), sources, staging, store)
     unit_task = merge_unit.with_options(result_storage=results_in_store)
     # largest units first (embeddings, output head): no big unit left running alone at
     # the end while the other workers idle; results come back in plan order
@@ -82,12 +83,12 @@ def result_storage(store: str):
 
     from prefect.filesystems import RemoteFileSystem
 
-    from dareflow.io import storage
+    from dareflow.io import localdisk, storage
     from dareflow.io.s3 import storage_options_for
 
     uri = storage.join(store, "prefect-results")
     fs, path = storage.get_fs(uri)
-    if storage._is_local(fs):
+    if localdisk.is_local(fs):
         return Path(path)
     # The endpoint and client config (never the credentials) go into the block: fsspec
     # reuses a cached s3fs instance for equal arguments, so without them a process that
@@ -149,7 +150,7 @@ def run_merge(recipe_path: str, out: str | None = None, *, store: str | None = N
     tasks run on threads here or on Dask (see :func:`task_runner_for`)."""
     runner = task_runner_for(max_workers, dask_address, dask_workers)
     recipe = load_recipe(recipe_path)
-    steps.warm_up_kernels(recipe)  # overlaps the flow run's start-up
+    warm_up_kernels(recipe)  # overlaps the flow run's start-up
     out = out or recipe.output
     if not out:
         raise ValueError(

@@ -11,7 +11,7 @@ from dareflow.flows.evaluate import evaluate_flow
 from dareflow.flows.merge import merge_flow
 from prefect import flow
 
-from dareflow.evaluation import jobs
+from dareflow.evaluation.checks import check_local_output, check_options, merge_eval_models
 from dareflow.recipe import load_recipe, recipe_to_dict
 
 
@@ -38,11 +38,11 @@ def merge_and_evaluate_flow(recipe: str, out: str, suite: str = "openllm_v1",
         ``{"merge": {"out", "shards"}, "evaluation": <evaluate_flow's result>}``.
     """
     parsed = load_recipe(recipe)
-    jobs.check_local_output(out)
-    jobs.check_options(suite, limit=limit, backend=backend, mirror=mirror)
+    check_local_output(out)
+    check_options(suite, limit=limit, backend=backend, mirror=mirror)
     manifest = merge_flow(recipe=recipe_to_dict(parsed), out=out, store=store,
                           overwrite=overwrite)
-    models = jobs.merge_eval_models(manifest, out)
+    models = merge_eval_models(manifest, out)
     evaluation = evaluate_flow(models=models, suite=suite, limit=limit, backend=backend,
                                store=store, mirror=mirror, merged="merged", results=results)
     return {"merge": {"out": manifest["out"], "shards": sorted(manifest["shards"])},

@@ -1,4 +1,5 @@
-"""Prefect tasks of the evaluation flow: thin wrappers over ``dareflow.evaluation.jobs``.
+"""Prefect tasks of the evaluation flow: thin wrappers over ``dareflow.evaluation``
+(``mirror_store``, ``fingerprint``, ``runs``, ``results``, ``report``).
 
 Each benchmark of each model is one task run (mapped), evaluated in its own child process;
 its raw lm-eval JSON is committed to the store under a content key, and the Prefect cache
@@ -15,7 +16,9 @@ from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 
-from dareflow.evaluation import jobs
+from dareflow.evaluation import mirror_store, report, results, runs
+from dareflow.evaluation.child import EvaluationError
+from dareflow.evaluation.fingerprint import model_fingerprint
 from dareflow.evaluation.suite import load_suite
 
 #: Seconds before the first and the second retry of a transient failure.
@@ -23,9 +26,9 @@ RETRY_DELAYS = [10, 60]
 
 
 @task(name="prepare-eval-mirror", cache_policy=NONE)
-def prepare_mirror(store: str, tasks: list[str] | None = None) -> dict[str, Any]:
+def stage_mirror(store: str, tasks: list[str] | None = None) -> dict[str, Any]:
     """The offline v1 mirror in ``{store}/eval-mirror/`` and a local folder to read it from."""
-    info = jobs.ensure_mirror(store, tasks)
+    info = mirror_store.ensure_mirror(store, tasks)
     get_run_logger().info("offline mirror %s (%s) at %s", info["mirror_uri"],
                           "prepared" if info["prepared"] else "verified", info["mirror_dir"])
     return info
@@ -34,7 +37,7 @@ def prepare_mirror(store: str, tasks: list[str] | None = None) -> dict[str, Any]
 @task(name="fingerprint-model", cache_policy=NONE, task_run_name="fingerprint-{label}")
 def fingerprint_model(label: str, model_uri: str) -> dict[str, Any]:
     """``{"label", "model_dir", "revision", "kind"}`` of one model (see model_fingerprint)."""
-    fp = jobs.model_fingerprint(model_uri)
+    fp = model_fingerprint(model_uri)
     get_run_logger().info("model %s: %s (%s)", label, fp["revision"][:19], fp["kind"])
     return {"label": label, **fp}
 
@@ -45,11 +48,10 @@ def benchmark_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> 
     p = parameters
     sha = None
     if not p["entry"].get("data") and p["mirror_dir"] is not None:
-        sha = jobs.mirror_sha(p["mirror_dir"], p["entry"]["task"])
-    key = jobs.run_key(p["model"]["revision"], p["entry"], limit=p["limit"],
-                             backend=p["backend"], mirror_sha=sha,
-                             batch_size=p.get("batch_size", 1))
-    if jobs.committed_result(p["store"], key) is None:
+        sha = mirror_store.mirror_sha(p["mirror_dir"], p["entry"]["task"])
+    key = runs.run_key(p["model"]["revision"], p["entry"], limit=p["limit"],
+                       backend=p["backend"], mirror_sha=sha, batch_size=p.get("batch_size", 1))
+    if runs.committed_result(p["store"], key) is None:
         return None
     return f"dareflow-eval-{key}"
 
@@ -57,7 +59,7 @@ def benchmark_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only failures that may pass next time (killed child, timeout, OOM, network)."""
     exc = state.data
-    return isinstance(exc, jobs.EvaluationError) and exc.transient
+    return isinstance(exc, EvaluationError) and exc.transient
 
 
 @task(name="evaluate-benchmark", cache_key_fn=benchmark_cache_key, persist_result=True,
@@ -67,9 +69,8 @@ def evaluate_benchmark(model: dict[str, Any], entry: dict[str, Any], store: str,
                        limit: int | None, backend: str, mirror_dir: str | None,
                        batch_size: int | str = 1) -> dict[str, Any]:
     """One benchmark of one model (child process); returns the committed result's URI."""
-    out = jobs.evaluate_benchmark(model, entry, store=store, limit=limit,
-                                        backend=backend, mirror_dir=mirror_dir,
-                                        batch_size=batch_size)
+    out = runs.evaluate_benchmark(model, entry, store=store, limit=limit, backend=backend,
+                                  mirror_dir=mirror_dir, batch_size=batch_size)
     get_run_logger().info(
         "%s/%s: %s in %.1f s", model["label"], entry["name"],
         "evaluated in a child process" if out["launched"] else "committed result reused",
@@ -93,8 +94,8 @@ def outcome_of(future: PrefectFuture, model: dict[str, Any], entry: dict[str, An
             "status": "failed", "error": error}
 
 
-@task(name="write-eval-results", cache_policy=NONE)
-def write_results(outcomes: list[dict[str, Any]], suite: str, merged: str,
+@task(name="publish-eval-results", cache_policy=NONE)
+def publish_results(outcomes: list[dict[str, Any]], suite: str, merged: str,
                   sources: list[str], results_uri: str | None, store: str) -> dict[str, Any]:
     """Tidy table (parquet + CSV), raw JSON, comparison (markdown + CSV) and Prefect table and
     markdown artifacts; returns the URIs, the comparison and the failures."""
@@ -102,18 +103,18 @@ def write_results(outcomes: list[dict[str, Any]], suite: str, merged: str,
 
     parsed = load_suite(suite)
     entries = {t.name: t.model_dump(mode="json") for t in parsed.tasks}
-    table, raws = jobs.results_table(outcomes, entries)
-    wide, failed = jobs.comparison(table, parsed, merged, sources)
-    markdown = jobs.comparison_markdown(wide, failed)
-    uri = results_uri or jobs.default_results_uri(store, parsed.name, flow_run.get_id())
+    table, raws = report.results_table(outcomes, entries)
+    wide, failed = results.comparison(table, parsed, merged, sources)
+    markdown = results.comparison_markdown(wide, failed)
+    uri = results_uri or report.default_results_uri(store, parsed.name, flow_run.get_id())
     failures = [{"model": o["label"], "task": o["task"], "error": o["error"]}
                 for o in outcomes if o["status"] == "failed"]
     summary = {"suite": parsed.name, "flow_run_id": str(flow_run.get_id()), "merged": merged, "sources": sources, "failures": failures,
                "runs": [{k: o.get(k) for k in ("label", "task", "status", "key", "launched",
                                                "seconds")} for o in outcomes]}
-    uris = jobs.write_results(uri, table, raws, markdown, wide, summary)
+    uris = report.write_results(uri, table, raws, markdown, wide, summary)
     key = "dareflow-eval-" + parsed.name.replace("_", "-")
-    create_table_artifact(jobs.comparison_rows(wide, failed), key=key,
+    create_table_artifact(results.comparison_rows(wide, failed), key=key,
                           description=f"{parsed.name}: {merged} vs {', '.join(sources) or '-'} "
                                       "(percent; ★ best per column)")
     create_markdown_artifact(f"## {parsed.name}\n\n{markdown}", key=key + "-md",

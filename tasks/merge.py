@@ -1,4 +1,5 @@
-"""Prefect tasks of the merge flow: thin wrappers over ``dareflow.merge.steps``.
+"""Prefect tasks of the merge flow: thin wrappers over ``dareflow.merge`` (``plan``,
+``units``, ``output``).
 
 Each task reads, calls pure code, writes, and returns URIs plus small metadata.
 """
@@ -15,9 +16,10 @@ from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
 from dareflow.errors import is_transient
-from dareflow.merge import steps
+from dareflow.merge import output, units
+from dareflow.merge.plan import MergePlan, UnitJob, plan_merge
 from dareflow.recipe import parse_recipe
-from dareflow.sources import mirror
+from dareflow.sources import collect_sources, mirror_model
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -30,7 +32,7 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
       retry_condition_fn=_transient, task_run_name="mirror-{spec[role]}")
 def mirror_source(spec: dict[str, Any], store_uri: str) -> dict[str, Any]:
     """Pin one model to a revision and mirror it into the store once (dareflow.sources.mirror)."""
-    record = mirror.mirror_model(spec, store_uri)
+    record = mirror_model(spec, store_uri)
     get_run_logger().info(
         "%s %s: %s revision %s, %s %s", record["role"], record["model"], record["kind"],
         record["revision"], "read in place" if record["in_place"]
@@ -42,14 +44,14 @@ def mirror_source(spec: dict[str, Any], store_uri: str) -> dict[str, Any]:
 @task(name="resolve-sources", cache_policy=NONE)
 def resolve_sources(recipe: dict[str, Any], mirrored: list[dict[str, Any]]) -> dict[str, Any]:
     """Join the mirrored models into base/model URIs and the recorded sources list."""
-    return mirror.collect_sources(parse_recipe(recipe, "<recipe>"), mirrored)
+    return collect_sources(parse_recipe(recipe, "<recipe>"), mirrored)
 
 
 @task(name="plan-merge", cache_policy=NONE)
-def plan_merge(recipe: dict[str, Any], sources: dict[str, Any], work_uri: str,
-               store_uri: str) -> dict[str, Any]:
+def make_plan(recipe: dict[str, Any], sources: dict[str, Any], work_uri: str,
+              store_uri: str) -> dict[str, Any]:
     """Read headers, check the family, split into layer units with content keys."""
-    plan = steps.plan_merge(
+    plan = plan_merge(
         parse_recipe(recipe, "<recipe>"),
         base_uri=sources["base_uri"],
         model_uris=sources["model_uris"],
@@ -69,15 +71,15 @@ def unit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str |
     """Prefect cache key of a unit: its content key, but only while its output is
     committed in the store, so a deleted or truncated shard is recomputed rather than
     reported as cached."""
-    plan = steps.MergePlan.from_dict(parameters["plan"])
+    plan = MergePlan.from_dict(parameters["plan"])
     job = _job(parameters["unit"])
-    if steps.committed_unit(plan, job) is None:
+    if units.committed_unit(plan, job) is None:
         return None
     return f"dareflow-unit-{job.key}"
 
 
-def _job(unit: dict[str, Any]) -> steps.UnitJob:
-    return steps.UnitJob(unit["unit"], tuple(unit["tensors"]), unit["key"])
+def _job(unit: dict[str, Any]) -> UnitJob:
+    return UnitJob(unit["unit"], tuple(unit["tensors"]), unit["key"])
 
 
 @task(name="merge-unit", cache_key_fn=unit_cache_key, persist_result=True,
@@ -85,11 +87,11 @@ def _job(unit: dict[str, Any]) -> steps.UnitJob:
 def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
     """DARE + fusion of one layer unit; writes its shard and returns its URI and sha256."""
     started = time.perf_counter()
-    merge_plan, job = steps.MergePlan.from_dict(plan), _job(unit)
+    merge_plan, job = MergePlan.from_dict(plan), _job(unit)
     try:
-        result = steps.merge_unit(merge_plan, job)
+        result = units.merge_unit(merge_plan, job)
     finally:  # a failed unit must not keep its lease (others would wait for it)
-        steps.release_unit(merge_plan, job)
+        units.release_unit(merge_plan, job)
     get_run_logger().info(
         "unit %s: %s, %d tensors, %.1f MB in %.2f s", unit["unit"],
         "already committed" if result["cached"] else "merged", len(unit["tensors"]),
@@ -102,8 +104,7 @@ def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
 @task(name="assemble-model", cache_policy=NONE)
 def assemble_model(plan: dict[str, Any], results: list[dict[str, Any]], out_uri: str) -> dict[str, Any]:
     """Write index, config, tokenizer, model card and manifest; publish the folder."""
-    manifest = steps.assemble_model(steps.MergePlan.from_dict(plan), results,
-                                      plan["work_uri"])
-    steps.publish(plan["work_uri"], out_uri)
+    manifest = output.assemble_model(MergePlan.from_dict(plan), results, plan["work_uri"])
+    output.publish(plan["work_uri"], out_uri)
     get_run_logger().info("published merged model to %s", out_uri)
     return manifest

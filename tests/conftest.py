@@ -143,7 +143,7 @@ def s3_store(s3_server, monkeypatch: pytest.MonkeyPatch):
 
 
 # =============================================================================================
-# Object storage and download fixtures (src/dareflow/io/s3.py, src/dareflow/sources/download.py, tests/servers.py)
+# Object storage and download fixtures (src/dareflow/io/s3.py, src/dareflow/sources/, tests/servers.py)
 #
 # Real servers on 127.0.0.1 (see tests/servers.py): a session-wide moto_server subprocess, a
 # fresh bucket per test with the AWS_* variables pointing at it, a disk-backed nanio server

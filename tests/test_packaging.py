@@ -42,8 +42,8 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
                     "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300)
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; "
-                              "print(sysconfig.get_paths()['purelib'])"], check=True,
+    purelib = subprocess.run([str(python), "-c", ("import sysconfig; "
+                              "print(sysconfig.get_paths()['purelib'])")], check=True,
                              capture_output=True, text=True).stdout.strip()
     deps = [p for p in site.getsitepackages() if p.endswith("site-packages")]
     Path(purelib, "dareflow-test-deps.pth").write_text("\n".join(deps) + "\n")

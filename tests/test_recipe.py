@@ -66,7 +66,7 @@ def test_every_problem_is_listed_in_one_error():
 
 def test_unknown_method_suggests_the_closest():
     with pytest.raises(ProblemsError, match=r"unknown merge method 'dare_tie'; did you mean "
-                       r"'dare_ties'\? choices: linear, task_arithmetic"):
+                       r"'dare_ties'\? choices: dare_linear, dare_ties, linear, magnitude_linear"):
         parse_recipe(_recipe(merge_method="dare_tie"))
 
 

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dareflow.io import storage
+from dareflow.io import buffers, storage
 from dareflow.io.checkpoints import Checkpoint
 from dareflow.methods.masks import derive_key, keep_mask
 
@@ -263,7 +263,7 @@ def read_sample(ckpt: Checkpoint, name: str, n: int, *, seed: int = 0) -> torch.
     itemsize = info.nbytes // info.numel
     ranges = [(info.start + start * itemsize, info.start + (start + width) * itemsize)
               for start in _window_starts(name, info.numel, SAMPLE_WINDOWS, width, seed)]
-    raw = storage.read_ranges(info.file, ranges, **ckpt.storage_options)
+    raw = buffers.read_ranges(info.file, ranges, **ckpt.storage_options)
     if any(len(part) != end - begin for part, (begin, end) in zip(raw, ranges)):
         raise ValueError(f"{info.file!r} ends inside tensor {name!r} (truncated since it was "
                          "opened); download it again")

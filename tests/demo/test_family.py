@@ -11,19 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from dareflow.demo.family import (
-    BOS_ID,
     BUILD_VERSION,
     MANIFEST,
-    SIZES,
     build_demo_family,
-    continue_pretraining,
-    corpus_line,
     delta_stats,
     load_family,
-    make_tokenizer,
-    replay_line,
 )
 from dareflow.demo.skills import SKILLS
+from dareflow.demo.train import SIZES, continue_pretraining, corpus_line, replay_line
+from dareflow.demo.vocab import BOS_ID, make_tokenizer
 
 NAMES = ["base", "arithmetic", "reverse"]
 # One thread: polite on the shared 2-core machine (and bytes are compared within a count).

@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 
-from dareflow.demo.family import make_tokenizer
 from dareflow.demo.skills import (
     ARITHMETIC,
     EVAL_SIZE,
@@ -18,6 +17,7 @@ from dareflow.demo.skills import (
     generate_answers,
     get_skill,
 )
+from dareflow.demo.vocab import make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ def test_model_spec_for_each_backend(tmp_path: Path) -> None:
                     "max_model_len": 2048}
     with pytest.raises(ValueError, match="runs on a GPU"):
         model_spec(tmp_path, "vllm", "cpu")
-    with pytest.raises(ValueError, match="Did you mean 'vllm'"):
+    with pytest.raises(ValueError, match="did you mean 'vllm'\\? choices: hf, vllm"):
         model_spec(tmp_path, "vlm", "cuda")
 
 

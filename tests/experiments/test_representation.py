@@ -47,8 +47,7 @@ def test_a_model_is_identical_to_itself_and_not_to_a_perturbed_copy(
 
 
 def test_calibration_prompts_come_from_validation() -> None:
-    from dareflow.demo.skills import get_skill
-    from dareflow.experiments.sweeps import split_items
+    from dareflow.demo.skills import get_skill, split_items
 
     texts = rep.calibration_prompts(["arithmetic"], 3)
     skill = get_skill("arithmetic")

@@ -1,4 +1,5 @@
-"""src/dareflow/io/checkpoints.py: header parsing, byte-range reads, folder layouts, check_family."""
+"""src/dareflow/io/checkpoints.py, headers.py and homology.py: header parsing, byte-range reads,
+folder layouts, check_family."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from dareflow.io import checkpoints, storage
-from dareflow.io.checkpoints import Checkpoint, check_family
+from dareflow.io import buffers, headers, storage
+from dareflow.io.checkpoints import Checkpoint
+from dareflow.io.homology import check_family
 
 ALL_DTYPES = {
     "bf16": torch.tensor([[1.5, -2.25], [3.0, 0.125]], dtype=torch.bfloat16),
@@ -88,7 +90,7 @@ def test_read_owns_memory_and_is_writable(tmp_path):
 
 def test_open_reads_headers_only_and_read_reads_one_range(tmp_path, monkeypatch, tiny_llama_dir):
     calls: list[tuple] = []
-    real_read_bytes, real_read_into = storage.read_bytes, storage.read_into
+    real_read_bytes, real_read_into = storage.read_bytes, buffers.read_into
 
     def spy_read_bytes(uri, start=None, end=None, **kw):
         calls.append(("bytes", uri.rsplit("/", 1)[-1], start, end))
@@ -99,7 +101,7 @@ def test_open_reads_headers_only_and_read_reads_one_range(tmp_path, monkeypatch,
         return real_read_into(uri, buffer, start, **kw)
 
     monkeypatch.setattr(storage, "read_bytes", spy_read_bytes)
-    monkeypatch.setattr(storage, "read_into", spy_read_into)
+    monkeypatch.setattr(buffers, "read_into", spy_read_into)
     ckpt = Checkpoint.open(str(tiny_llama_dir))
     weights = [c for c in calls if c[1] == "model.safetensors"]
     first_data = min(t.start for t in ckpt.tensors.values())
@@ -418,5 +420,5 @@ def test_gpt2_family_with_tied_embeddings(tiny_gpt2_dir):
 
 
 def test_module_constants_cover_torch_dtypes():
-    for code, dtype in checkpoints.SAFETENSORS_DTYPES.items():
+    for code, dtype in headers.SAFETENSORS_DTYPES.items():
         assert isinstance(code, str) and isinstance(dtype, torch.dtype)

@@ -1,4 +1,5 @@
-"""src/dareflow/io/storage.py on the local disk, fsspec's memory store and a real S3 server (moto)."""
+"""src/dareflow/io/storage.py, buffers.py and localdisk.py on the local disk, fsspec's memory
+store and a real S3 server (moto)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import uuid
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from dareflow.io import storage
+from dareflow.io import buffers, localdisk, storage
 
 # --------------------------------------------------------------------------- URIs
 
@@ -77,22 +78,22 @@ def test_read_into_fills_buffer(tmp_path):
     uri = str(tmp_path / "f.bin")
     storage.write_bytes_atomic(uri, b"0123456789")
     buf = bytearray(4)
-    assert storage.read_into(uri, memoryview(buf), start=3) == 4
+    assert buffers.read_into(uri, memoryview(buf), start=3) == 4
     assert bytes(buf) == b"3456"
     buf = bytearray(8)
-    assert storage.read_into(uri, memoryview(buf), start=6) == 4  # file ends first
+    assert buffers.read_into(uri, memoryview(buf), start=6) == 4  # file ends first
 
 
 def test_read_ranges_reads_each_range_in_order(tmp_path):
     uri = str(tmp_path / "f.bin")
     storage.write_bytes_atomic(uri, b"0123456789")
-    assert storage.read_ranges(uri, [(6, 8), (0, 3), (8, 20), (4, 4)]) == [
+    assert buffers.read_ranges(uri, [(6, 8), (0, 3), (8, 20), (4, 4)]) == [
         b"67", b"012", b"89", b""]
-    assert storage.read_ranges(uri, []) == []
+    assert buffers.read_ranges(uri, []) == []
     with pytest.raises(ValueError, match="f.bin"):
-        storage.read_ranges(uri, [(0, 3), (5, 2)])
+        buffers.read_ranges(uri, [(0, 3), (5, 2)])
     with pytest.raises(FileNotFoundError, match="missing.bin"):
-        storage.read_ranges(str(tmp_path / "missing.bin"), [(0, 1)])
+        buffers.read_ranges(str(tmp_path / "missing.bin"), [(0, 1)])
 
 
 @pytest.mark.parametrize(("start", "end"), [(-1, None), (5, 2), (1.5, None)])
@@ -185,7 +186,7 @@ def test_remove(tmp_path):
     [
         lambda u: storage.read_bytes(u),
         lambda u: storage.read_bytes(u, 0, 8),
-        lambda u: storage.read_into(u, memoryview(bytearray(4))),
+        lambda u: buffers.read_into(u, memoryview(bytearray(4))),
         lambda u: storage.open_read(u),
         lambda u: storage.sha256_of(u),
         lambda u: storage.listdir(u),
@@ -220,10 +221,10 @@ def test_s3_roundtrip_ranges_listing_hash(s3_store):
     storage.write_bytes_atomic(uri, data, **opts)
     assert storage.exists(uri, **opts)
     assert storage.read_bytes(uri, 100, 200, **opts) == data[100:200]
-    assert storage.read_ranges(uri, [(0, 5), (2990, 3100), (7, 7), (100, 200)], **opts) == [
+    assert buffers.read_ranges(uri, [(0, 5), (2990, 3100), (7, 7), (100, 200)], **opts) == [
         data[:5], data[2990:], b"", data[100:200]]
     buf = bytearray(50)
-    assert storage.read_into(uri, memoryview(buf), 2990, **opts) == 10
+    assert buffers.read_into(uri, memoryview(buf), 2990, **opts) == 10
     assert bytes(buf[:10]) == data[2990:]
     assert storage.sha256_of(uri, **opts) == hashlib.sha256(data).hexdigest()
     assert storage.listdir(prefix, **opts) == ["units"]
@@ -279,7 +280,7 @@ def _direct_io_possible(folder) -> bool:
     except OSError:
         return False
     try:
-        os.write(fd, storage.aligned_buffer(storage.DIRECT_ALIGN))
+        os.write(fd, localdisk.aligned_buffer(localdisk.DIRECT_ALIGN))
         return True
     except OSError:
         return False
@@ -290,11 +291,11 @@ def _direct_io_possible(folder) -> bool:
 
 @pytest.mark.parametrize("size", [0, 1, 7, 4095, 4096, 4097, 3 * 4096 + 5, 1 << 20])
 def test_write_buffer_atomic_exact_bytes_any_size(tmp_path, size):
-    buffer = storage.aligned_buffer(-(-size // storage.DIRECT_ALIGN) * storage.DIRECT_ALIGN)
+    buffer = localdisk.aligned_buffer(-(-size // localdisk.DIRECT_ALIGN) * localdisk.DIRECT_ALIGN)
     buffer[:size] = os.urandom(size)
     buffer[size:] = b"\xff" * (len(buffer) - size)  # padding must not reach the file
     uri = str(tmp_path / "sub" / "shard.bin")
-    how = storage.write_buffer_atomic(uri, buffer, size)
+    how = buffers.write_buffer_atomic(uri, buffer, size)
     assert (tmp_path / "sub" / "shard.bin").read_bytes() == bytes(buffer[:size])
     assert os.listdir(tmp_path / "sub") == ["shard.bin"]  # no temporary left
     expected = "direct" if size and _direct_io_possible(tmp_path) else "buffered"
@@ -303,40 +304,40 @@ def test_write_buffer_atomic_exact_bytes_any_size(tmp_path, size):
 
 def test_write_buffer_atomic_unaligned_buffer_falls_back(tmp_path):
     # a view one byte into an aligned buffer: O_DIRECT would refuse it
-    base = storage.aligned_buffer(3 * storage.DIRECT_ALIGN)
+    base = localdisk.aligned_buffer(3 * localdisk.DIRECT_ALIGN)
     base[:] = os.urandom(len(base))
     view = base[1:]
     uri = str(tmp_path / "x.bin")
-    assert storage.write_buffer_atomic(uri, view, 5000) == "buffered"
+    assert buffers.write_buffer_atomic(uri, view, 5000) == "buffered"
     assert (tmp_path / "x.bin").read_bytes() == bytes(base[1:5001])
 
 
 def test_write_buffer_atomic_failure_midway_keeps_the_old_file(tmp_path):
     target = tmp_path / "shard.bin"
     target.write_bytes(b"old contents")
-    buffer = storage.aligned_buffer(4 * storage.DIRECT_ALIGN)
+    buffer = localdisk.aligned_buffer(4 * localdisk.DIRECT_ALIGN)
     buffer[:] = os.urandom(len(buffer))
 
     def fail():
         raise RuntimeError("killed between the halves")
 
     with pytest.raises(RuntimeError, match="killed between the halves"):
-        storage.write_buffer_atomic(str(target), buffer, 10_000, midway=fail)
+        buffers.write_buffer_atomic(str(target), buffer, 10_000, midway=fail)
     assert target.read_bytes() == b"old contents"
     assert os.listdir(tmp_path) == ["shard.bin"]
 
 
 def test_write_buffer_atomic_rejects_a_size_outside_the_buffer(tmp_path):
-    buffer = storage.aligned_buffer(100)
+    buffer = localdisk.aligned_buffer(100)
     with pytest.raises(ValueError, match=r"size 101 is outside the buffer \(0\.\.100 bytes\)"):
-        storage.write_buffer_atomic(str(tmp_path / "a"), buffer, 101)
+        buffers.write_buffer_atomic(str(tmp_path / "a"), buffer, 101)
     assert not (tmp_path / "a").exists()
 
 
 def test_write_buffer_atomic_to_s3(s3_store):
     bucket, options = s3_store
-    buffer = storage.aligned_buffer(2 * storage.DIRECT_ALIGN)
+    buffer = localdisk.aligned_buffer(2 * localdisk.DIRECT_ALIGN)
     buffer[:] = os.urandom(len(buffer))
     uri = f"{bucket}/direct/{uuid.uuid4().hex}.bin"
-    assert storage.write_buffer_atomic(uri, buffer, 5000, **options) == "buffered"
+    assert buffers.write_buffer_atomic(uri, buffer, 5000, **options) == "buffered"
     assert storage.read_bytes(uri, **options) == bytes(buffer[:5000])

@@ -1,4 +1,4 @@
-"""Transient object-store errors are retried by dareflow.io.storage with bounded backoff: a
+"""Transient object-store errors are retried by dareflow.io.retry with bounded backoff: a
 server down for a while, one restarted during a merge, and throttling (503 SlowDown)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from dareflow.flows.merge import run_merge
 
-from dareflow.io import storage
+from dareflow.io import retry, storage
 from tests.reliability.conftest import write_recipe
 from tests.servers import free_port
 
-# botocore's and s3fs's own retries off, so what is measured is dareflow.io.storage's
+# botocore's and s3fs's own retries off, so what is measured is dareflow.io.retry's
 NO_CLIENT_RETRIES = {"config_kwargs": {"s3": {"addressing_style": "path"},
                                        "retries": {"max_attempts": 1},
                                        "connect_timeout": 2, "read_timeout": 5},
@@ -30,19 +30,19 @@ def fast_retries(monkeypatch):
     import s3fs
 
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own loop off too
-    monkeypatch.setenv(storage.RETRY_DELAY_ENV, "0.2")
-    monkeypatch.setenv(storage.RETRY_ATTEMPTS_ENV, "8")
-    monkeypatch.setenv(storage.RETRY_SECONDS_ENV, "30")
+    monkeypatch.setenv(retry.RETRY_DELAY_ENV, "0.2")
+    monkeypatch.setenv(retry.RETRY_ATTEMPTS_ENV, "8")
+    monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "30")
 
 
 def test_policy_comes_from_the_environment_and_is_checked(monkeypatch):
-    monkeypatch.setenv(storage.RETRY_ATTEMPTS_ENV, "3")
-    monkeypatch.setenv(storage.RETRY_SECONDS_ENV, "7.5")
-    monkeypatch.setenv(storage.RETRY_DELAY_ENV, "0.1")
-    assert storage.retry_policy() == (3, 7.5, 0.1)
-    monkeypatch.setenv(storage.RETRY_ATTEMPTS_ENV, "0")
+    monkeypatch.setenv(retry.RETRY_ATTEMPTS_ENV, "3")
+    monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "7.5")
+    monkeypatch.setenv(retry.RETRY_DELAY_ENV, "0.1")
+    assert retry.retry_policy() == (3, 7.5, 0.1)
+    monkeypatch.setenv(retry.RETRY_ATTEMPTS_ENV, "0")
     with pytest.raises(ValueError) as caught:
-        storage.retry_policy()
+        retry.retry_policy()
     assert str(caught.value) == ("DAREFLOW_STORAGE_RETRIES='0' is not a number >= 1; set it "
                                  "to e.g. 6 (or unset it for the default)")
 
@@ -58,7 +58,7 @@ class _Keep(logging.Handler):
 
 def test_read_waits_for_a_server_that_comes_back(nanio_bucket, fast_retries):
     uri, _, server = nanio_bucket
-    kept, logger = _Keep(), logging.getLogger("dareflow.io.storage")
+    kept, logger = _Keep(), logging.getLogger("dareflow.io.retry")
     # another library's logging.config.dictConfig may have disabled existing loggers
     was_disabled, logger.disabled = logger.disabled, False
     logger.addHandler(kept)
@@ -83,9 +83,9 @@ def test_retries_are_bounded_and_the_error_says_so(nanio_bucket, fast_retries, m
     uri, _, server = nanio_bucket
     options = {**server.storage_options(), **NO_CLIENT_RETRIES}
     storage.write_bytes_atomic(f"{uri}/x.bin", b"payload", **options)
-    monkeypatch.setenv(storage.RETRY_ATTEMPTS_ENV, "3")
-    monkeypatch.setenv(storage.RETRY_SECONDS_ENV, "5")
-    monkeypatch.setenv(storage.RETRY_DELAY_ENV, "0.1")
+    monkeypatch.setenv(retry.RETRY_ATTEMPTS_ENV, "3")
+    monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "5")
+    monkeypatch.setenv(retry.RETRY_DELAY_ENV, "0.1")
     server.stop()
     try:
         started = time.monotonic()

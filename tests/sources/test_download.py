@@ -18,15 +18,9 @@ import pytest
 
 from dareflow.io import storage
 from dareflow.io.s3 import storage_options_for
-from dareflow.sources.download import (
-    MARKER,
-    Source,
-    mirror,
-    mirror_source,
-    parse_source,
-    resolve,
-    select_files,
-)
+from dareflow.sources import Source, mirror_source, parse_source, resolve
+from dareflow.sources.mirror import MARKER, mirror
+from dareflow.sources.resolve import select_files
 
 TOKEN = "hf_TestTokenValue0123456789abcdefXYZ"
 WEIGHT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",

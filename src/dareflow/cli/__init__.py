@@ -53,6 +53,3 @@ def run() -> None:
     gc.freeze()
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    run()

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     # heavy (Prefect, pandas, lm-eval's checks): imported only when evaluating
-    from dareflow.evaluation.jobs import parse_model_specs
+    from dareflow.evaluation.checks import parse_model_specs
     from dareflow.flows.evaluate import run_evaluate
 
     out = run_evaluate(parse_model_specs(args.models), args.suite, limit=args.limit,

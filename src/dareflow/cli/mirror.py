@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dareflow.evaluation.jobs import ensure_mirror  # heavy (pandas, datasets)
+    from dareflow.evaluation.mirror_store import ensure_mirror  # heavy (pandas, datasets)
     from dareflow.settings import default_store
 
     info = ensure_mirror(args.store or default_store(), args.tasks)

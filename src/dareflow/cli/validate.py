@@ -65,9 +65,9 @@ def kind_of(data: Any, source: str) -> str:
     if "merge_method" in data or "models" in data:
         return "recipe"
     raise ProblemsError(source, [
-        "cannot tell which kind of config this is: a recipe has 'merge_method', a suite "
+        ("cannot tell which kind of config this is: a recipe has 'merge_method', a suite "
         "'tasks', a sweep 'drop_rates', a grid 'grid', a similarity experiment "
-        "'calibration_skills'"
+        "'calibration_skills'")
     ])
 
 

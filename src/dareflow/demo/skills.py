@@ -26,12 +26,15 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 #: Size of every skill's fixed evaluation set; ``evaluate_skills(n=...)`` uses a prefix.
 EVAL_SIZE = 200
+#: Items per split of a skill's fixed evaluation set: TEST is the first SPLIT_SIZE items,
+#: VALIDATION the next SPLIT_SIZE (what experiments select on).
+SPLIT_SIZE = 100
 
 _LETTERS = string.ascii_lowercase
 
@@ -305,3 +308,17 @@ def evaluate_skills(
         )
         scores[skill.name] = sum(g == e for g, e in zip(got, expected)) / len(expected)
     return scores
+
+
+def split_items(skill: str, split: Literal["validation", "test"], n: int = SPLIT_SIZE) -> list:
+    """Items of a skill's split: test = the first ``SPLIT_SIZE`` items of its fixed
+    evaluation set (what ``evaluate_skills`` reports), validation = the next
+    ``SPLIT_SIZE``; disjoint by construction. Returns the first ``n`` of the split."""
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    if not 1 <= n <= SPLIT_SIZE or 2 * SPLIT_SIZE > EVAL_SIZE:
+        raise ValueError(f"n={n} must be in [1, {SPLIT_SIZE}] (two disjoint splits of the "
+                         f"{EVAL_SIZE}-item evaluation set)")
+    items = get_skill(skill).eval_items
+    start = 0 if split == "test" else SPLIT_SIZE
+    return list(items[start:start + n])

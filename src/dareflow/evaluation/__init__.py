@@ -1,46 +1,32 @@
 """Evaluation with lm-eval: suites as data, an offline v1 mirror, runs, tidy results tables.
 
-No Prefect here: flows wrap these functions in tasks. Importing this package does not import
-lm_eval, torch or vllm; ``run_task`` imports lm_eval when called.
+No Prefect here: ``dareflow.tasks.evaluate`` wraps these functions in Prefect tasks. Modules:
+
+- ``suite``: benchmark suites (YAML) and their entries.
+- ``mirror``: the offline Open LLM Leaderboard v1 data and the lm-eval task configs reading it;
+  ``mirror_store``: that mirror in the artifact store, with a local copy.
+- ``runner``: one suite entry on one model through lm-eval (``run_task``).
+- ``checks``: checks of an evaluation request, before anything heavy runs.
+- ``fingerprint``: a model's revision for the results cache.
+- ``child``: one run in a child process (``python -m dareflow.evaluation.child``).
+- ``runs``: run keys, committed results in the store, ``evaluate_benchmark``.
+- ``results``: tidy table, averages, comparison tables and their renderings (no IO);
+  ``report``: the table of an evaluation's runs and its results folder in the store.
+
+Importing this package does not import lm_eval, torch or vllm; ``run_task`` imports lm_eval
+when called.
 """
 
-from dareflow.evaluation.mirror import (
-    MIRROR_TASKS,
-    prepare_mirror,
-    read_manifest,
-    verify_mirror,
-    write_task_configs,
-)
-from dareflow.evaluation.results import (
-    COLUMNS,
-    OPENLLM_V1_METRICS,
-    comparison_markdown,
-    comparison_table,
-    leaderboard_average,
-    mmlu_macro_micro,
-    tidy_results,
-)
-from dareflow.evaluation.runner import model_spec, run_task, vllm_available
-from dareflow.evaluation.suite import JsonlTask, Suite, SuiteTask, load_suite
+from dareflow.evaluation.mirror import prepare_mirror
+from dareflow.evaluation.results import comparison_table, tidy_results
+from dareflow.evaluation.runner import run_task
+from dareflow.evaluation.suite import Suite, load_suite
 
 __all__ = [
-    "COLUMNS",
-    "MIRROR_TASKS",
-    "OPENLLM_V1_METRICS",
-    "JsonlTask",
     "Suite",
-    "SuiteTask",
-    "comparison_markdown",
     "comparison_table",
-    "leaderboard_average",
     "load_suite",
-    "mmlu_macro_micro",
-    "model_spec",
     "prepare_mirror",
-    "read_manifest",
     "run_task",
     "tidy_results",
-    "verify_mirror",
-    "vllm_available",
-    "write_task_configs",
 ]

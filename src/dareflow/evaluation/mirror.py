@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from dareflow.errors import unknown_choice
+from dareflow.io import storage
 from dareflow.settings import DATA_DIR
 
 MIRROR_FORMAT = 1
@@ -325,14 +326,6 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> dict[str, Any]:
     return {"rows": len(rows), "sha256": digest.hexdigest()}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare_mirror(
     dest_dir: str | os.PathLike,
     *,
@@ -468,7 +461,7 @@ def verify_mirror(mirror_dir: str | os.PathLike, tasks: Iterable[str] | None = N
             path = root / info["path"]
             if not path.is_file():
                 problems.append(f"{path}: missing")
-            elif _sha256(path) != info["sha256"]:
+            elif storage.sha256_of(str(path)) != info["sha256"]:
                 problems.append(f"{path}: content differs from manifest.json (sha256)")
     if problems:
         raise ValueError(

@@ -1,7 +1,8 @@
 """Results tables: lm-eval's raw JSON -> a tidy table -> averages and comparison tables.
 
-Pure functions on dicts and DataFrames (no IO). Scores stay in [0, 1]; the markdown
-rendering shows percentages.
+Pure functions on dicts and DataFrames (no IO; ``dareflow.evaluation.report`` reads the runs
+and writes the tables). Scores stay in [0, 1]; the markdown and artifact renderings show
+percentages, with failed runs marked.
 
 Tidy table columns: model, task, metric, value, stderr, n, shots, revision, lm_eval_version.
 ``metric`` is lm-eval's metric name for the ``none`` filter (``acc_norm``) and
@@ -14,16 +15,19 @@ subject (``mmlu_anatomy``) and lm-eval's category groups (``mmlu_stem``) as rows
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
 from dareflow.evaluation.mirror import TASK_PREFIX
 from dareflow.evaluation.runner import SKILL_PREFIX
+from dareflow.evaluation.suite import Suite
 
 COLUMNS = ["model", "task", "metric", "value", "stderr", "n", "shots", "revision",
            "lm_eval_version"]
+#: Extra columns of the tidy table written by the flow (after ``COLUMNS``).
+STATUS_COLUMNS = ["status", "error"]
 AVERAGE = "average"
 
 # The Open LLM Leaderboard v1 average: these six (task, metric) pairs; it must equal
@@ -308,14 +312,38 @@ def best_per_column(table: pd.DataFrame, *, higher_is_better: bool = True) -> di
     return out
 
 
+def comparison(table: pd.DataFrame, suite: Suite, merged: str,
+               sources: Sequence[str]) -> tuple[pd.DataFrame, set[tuple[str, str]]]:
+    """The comparison table (models x tasks [+ average]) and the failed (model, task) cells."""
+    ok = table[table["status"] == "ok"]
+    bad = table[table["status"] == "failed"]
+    failed = set(zip(bad["model"], bad["task"]))
+    models = [merged, *[s for s in sources if s != merged]]
+    if ok.empty:
+        wide = pd.DataFrame(index=pd.Index(models, name="model"),
+                            columns=[*suite.primary_metrics()] +
+                            (["average"] if suite.average else []), dtype=float)
+        return wide, failed
+    present = set(ok["model"])
+    # a model whose every run failed still gets its row of failures
+    fill = pd.DataFrame([{"model": m, "task": "__none__", "metric": "__none__",
+                          "value": float("nan")} for m in models if m not in present])
+    data = pd.concat([ok, fill], ignore_index=True) if not fill.empty else ok
+    wide = comparison_table(data, merged, sources, metrics=suite.primary_metrics(),
+                            average=suite.average)
+    return wide, failed
+
+
 def comparison_markdown(
-    table: pd.DataFrame, *, scale: float = 100.0, digits: int = 2,
-    higher_is_better: bool = True,
+    table: pd.DataFrame, failed: Collection[tuple[str, str]] = frozenset(), *,
+    scale: float = 100.0, digits: int = 2, higher_is_better: bool = True,
 ) -> str:
     """Render a ``comparison_table`` as a GitHub markdown table, best per column in bold.
 
     Args:
         table: models as rows, tasks (+ average) as columns, values in [0, 1].
+        failed: ``(model, column)`` cells whose run failed, shown as ``failed`` (see
+            ``comparison``).
         scale: multiply values (100 shows percentages, as the leaderboard does).
         digits: decimals shown.
         higher_is_better: which end is best.
@@ -328,10 +356,33 @@ def comparison_markdown(
         cells = []
         for col in cols:
             value = row[col]
-            if pd.isna(value):
+            if (model, col) in failed:
+                cells.append("failed")
+            elif pd.isna(value):
                 cells.append("–")
-                continue
-            text = f"{value * scale:.{digits}f}"
-            cells.append(f"**{text}**" if model in best[col] else text)
+            else:
+                text = f"{value * scale:.{digits}f}"
+                cells.append(f"**{text}**" if model in best[col] else text)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def comparison_rows(wide: pd.DataFrame, failed: set[tuple[str, str]], *,
+                    scale: float = 100.0, digits: int = 2) -> list[dict[str, Any]]:
+    """Rows for a Prefect table artifact: values in percent, the best per column suffixed
+    with `` ★`` (best), ``failed`` for failed runs, ``None`` for absent ones."""
+    best = best_per_column(wide)
+    rows = []
+    for model, row in wide.iterrows():
+        out: dict[str, Any] = {"model": model}
+        for col in wide.columns:
+            value = row[col]
+            if (model, col) in failed:
+                out[col] = "failed"
+            elif pd.isna(value):
+                out[col] = None
+            else:
+                text = f"{value * scale:.{digits}f}"
+                out[col] = text + " ★" if model in best[col] else text
+        rows.append(out)
+    return rows

@@ -183,7 +183,8 @@ def _json_safe(obj: Any) -> Any:
     return json.loads(text)
 
 
-def _lm_eval_version() -> str:
+def lm_eval_version() -> str:
+    """The installed lm-eval's version (recorded with every result; part of cache keys)."""
     return importlib.metadata.version("lm_eval")
 
 
@@ -306,7 +307,7 @@ def run_task(
         "device": device,
         "limit": limit,
         "mirror": entry.data is None and mirror_dir is not None,
-        "lm_eval_version": _lm_eval_version(),
+        "lm_eval_version": lm_eval_version(),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return out

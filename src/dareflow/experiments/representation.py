@@ -22,15 +22,14 @@ from collections.abc import Sequence
 
 import torch
 
+from dareflow.demo.skills import get_skill, split_items
+
 _IMPORT_LOCK = threading.Lock()
 
 
 def calibration_prompts(skills: Sequence[str], n: int) -> list[str]:
     """Calibration texts: the first ``n`` VALIDATION items of each demo skill, as
     question and answer (so the states cover the answer tokens too)."""
-    from dareflow.demo.skills import get_skill
-    from dareflow.experiments.sweeps import split_items
-
     texts = []
     for name in skills:
         skill = get_skill(name)

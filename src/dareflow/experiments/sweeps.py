@@ -4,7 +4,7 @@ wraps these; ``flows/experiments.py`` wires them).
 
 Caching, so that nothing is computed twice across sweeps:
 
-* layers: every point is merged through ``dareflow.merge.steps`` (plan → unit → assemble), so
+* layers: every point is merged through ``dareflow.merge`` (plan → units → output), so
   its layer units are the content-addressed units of ``{store}/units/``;
 * models: a merged model is published at ``{store}/experiments/models/{model_key}``
   where ``model_key`` hashes its unit keys: the same merge from two sweeps is one folder;
@@ -27,16 +27,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from dareflow.demo.skills import SPLIT_SIZE, split_items
 from dareflow.errors import ProblemsError
 from dareflow.io import storage
-from dareflow.merge import steps
+from dareflow.merge.output import assemble_model, clear_staging, publish, staging_uri
+from dareflow.merge.plan import plan_merge
+from dareflow.merge.units import merge_unit, release_unit
 from dareflow.recipe import parse_recipe
 from dareflow.schema import StrictModel, read_yaml, validation_problems
 
 #: Bump when scoring changes; part of every evaluation cache key.
 EVAL_CODE_VERSION = "1"
-#: Items per split of a skill's fixed 200-item evaluation set.
-SPLIT_SIZE = 100
 
 #: The sweep's methods: (merge method, rescale). The paper's Figures 3/8/9 compare DARE,
 #: DropOnly (DARE without the 1/(1-p) rescale) and magnitude pruning of the delta.
@@ -218,7 +219,7 @@ def make_wrong_base(base_dir: str | Path, out_dir: str | Path, *, size: str = "d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dareflow.demo import family
+    from dareflow.demo import family, train, vocab
 
     out = Path(out_dir)
     stamp = {"version": WRONG_BASE_VERSION, "steps": steps, "lr": lr, "seed": seed,
@@ -230,9 +231,9 @@ def make_wrong_base(base_dir: str | Path, out_dir: str | Path, *, size: str = "d
     torch.set_num_threads(1)  # byte-identical for a thread count, as the family build
     try:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        family.continue_pretraining(model, steps=steps, lr=lr, seed=f"{seed}/wrong-base",
-                                         size=size, qa_fraction=0.0)
-        family._save_model(model, family.make_tokenizer(), out)
+        train.continue_pretraining(model, steps=steps, lr=lr, seed=f"{seed}/wrong-base",
+                                   size=size, qa_fraction=0.0)
+        family.save_model(model, vocab.make_tokenizer(), out)
     finally:
         torch.set_num_threads(old)
     marker.write_text(json.dumps(stamp))
@@ -287,7 +288,7 @@ def grid_recipes(cfg: GridConfig, base_uri: str, model_uris: dict[str, str]) -> 
 
 
 def merge_point(recipe: dict[str, Any], store_uri: str) -> dict[str, Any]:
-    """Merge one experiment point through ``dareflow.merge.steps`` (content-addressed units),
+    """Merge one experiment point through ``dareflow.merge`` (content-addressed units),
     published at ``{store}/experiments/models/{model_key}`` unless already there.
 
     Args:
@@ -301,44 +302,28 @@ def merge_point(recipe: dict[str, Any], store_uri: str) -> dict[str, Any]:
     parsed = parse_recipe({k: v for k, v in recipe.items() if k != "point"}, "<point>")
     model_uris = {m.model: m.model for m in parsed.models if m.model != parsed.base_model}
     models_root = storage.join(store_uri, "experiments", "models")
-    plan = steps.plan_merge(parsed, base_uri=parsed.base_model, model_uris=model_uris,
-                              work_uri="", store_uri=store_uri)
+    plan = plan_merge(parsed, base_uri=parsed.base_model, model_uris=model_uris,
+                      work_uri="", store_uri=store_uri)
     key = hashlib.sha256("".join(u.key for u in plan.units).encode()).hexdigest()[:32]
     out = storage.join(models_root, key)
     if storage.exists(storage.join(out, "manifest.json")):
         return {"model_key": key, "uri": out, "units": len(plan.units),
                 "units_cached": len(plan.units), "reused": True}
-    plan.work_uri = steps.staging_uri(out)
-    steps.clear_staging(plan.work_uri)
+    plan.work_uri = staging_uri(out)
+    clear_staging(plan.work_uri)
     results = []
     for job in plan.units:
         try:
-            results.append(steps.merge_unit(plan, job))
+            results.append(merge_unit(plan, job))
         finally:  # as the merge flow's task: a failed unit must not keep its lease
-            steps.release_unit(plan, job)
-    steps.assemble_model(plan, results, plan.work_uri)
-    steps.publish(plan.work_uri, out)
+            release_unit(plan, job)
+    assemble_model(plan, results, plan.work_uri)
+    publish(plan.work_uri, out)
     return {"model_key": key, "uri": out, "units": len(results),
             "units_cached": sum(r["cached"] for r in results), "reused": False}
 
 
 # ------------------------------------------------------------------------ evaluation
-
-
-def split_items(skill: str, split: Literal["validation", "test"], n: int = SPLIT_SIZE) -> list:
-    """Items of a skill's split: test = the first ``SPLIT_SIZE`` items of its fixed
-    evaluation set (what ``evaluate_skills`` reports), validation = the next
-    ``SPLIT_SIZE``; disjoint by construction. Returns the first ``n`` of the split."""
-    from dareflow.demo.skills import EVAL_SIZE, get_skill
-
-    if split not in ("validation", "test"):
-        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
-    if not 1 <= n <= SPLIT_SIZE or 2 * SPLIT_SIZE > EVAL_SIZE:
-        raise ValueError(f"n={n} must be in [1, {SPLIT_SIZE}] (two disjoint splits of the "
-                         f"{EVAL_SIZE}-item evaluation set)")
-    items = get_skill(skill).eval_items
-    start = 0 if split == "test" else SPLIT_SIZE
-    return list(items[start:start + n])
 
 
 def score_skills(model_uri: str, spec: SkillsEval, split: Literal["validation", "test"]) -> dict[str, float]:

@@ -9,17 +9,18 @@ tensors between processes.
 Writes are atomic: a reader (or a resumed run) sees either the previous object or the
 complete new one, never a partial one.
 
-- Local files: write a temporary sibling ``<name>.tmp-<uuid>``, fsync it, then
-  ``os.replace`` it onto the final name (atomic on POSIX) and fsync the folder.
-- Object stores (s3, gcs, azure): one put of the complete object. An object store
-  never shows a partial object for a single put (a multipart upload becomes visible
-  only when it completes), so no temporary key is needed. Streams are spooled to a
-  local temporary file first (``tempfile.gettempdir()``, i.e. ``$TMPDIR``) because an
-  fsspec file that is closed after an error would publish what was written so far.
+- Local files (``dareflow.io.localdisk``): write a temporary sibling
+  ``<name>.tmp-<uuid>``, fsync it, then ``os.replace`` it onto the final name (atomic on
+  POSIX) and fsync the folder.
+- Object stores (s3, gcs, azure; ``dareflow.io.objectstore``): one put of the complete
+  object, spooled to a local temporary file first (``$TMPDIR``).
 - Other fsspec filesystems (memory, sftp, ...): temporary sibling then ``fs.mv``.
 
+Tensor data moves between the store and memory buffers through ``dareflow.io.buffers``.
+
 Storage errors become built-in exceptions (``FileNotFoundError``, ``PermissionError``,
-``OSError``) whose message names the URI, what failed and what to check.
+``OSError``) whose message names the URI, what failed and what to check; transient
+errors of remote stores are retried with backoff (both in ``dareflow.io.retry``).
 
 Credentials and endpoints: pass fsspec storage options as keyword arguments
 (``endpoint_url=..., key=..., secret=...``) or configure them once for the process
@@ -30,182 +31,47 @@ through fsspec's configuration (``FSSPEC_S3_ENDPOINT_URL`` and friends, or
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import logging
-import mmap
 import os
 import posixpath
 import shutil
-import tempfile
-import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
-from dareflow.errors import is_transient
+from dareflow.io import localdisk, objectstore, retry
+from dareflow.io.retry import storage_errors
 from dareflow.io.s3 import is_s3_uri, storage_options_for
 
-#: Marker in the name of a temporary sibling written before an atomic commit.
-TMP_MARKER = ".tmp-"
-
-#: Protocols of object stores, where one put is atomic and renames are copies.
-OBJECT_STORE_PROTOCOLS = frozenset(
-    {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
-)
-
 _CHUNK = 8 * 1024 * 1024
-
-# Exceptions of object-store client libraries that are not OSError subclasses
-# (botocore's NoCredentialsError, EndpointConnectionError, ...): turned into OSError.
-_BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "google", "azure")
-
 
 # --------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def _storage_errors(uri: str, action: str) -> Iterator[None]:
-    """Re-raise storage errors as built-in exceptions whose message names ``uri``."""
-    try:
-        yield
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"cannot {action} {uri!r}: no such file, folder or object ({_reason(e)}); "
-            "check the path (bucket, prefix and key for object stores)"
-        ) from e
-    except IsADirectoryError as e:
-        raise IsADirectoryError(
-            f"cannot {action} {uri!r}: it is a folder, not a file ({_reason(e)}); "
-            "pass the URI of a file inside it"
-        ) from e
-    except NotADirectoryError as e:
-        raise NotADirectoryError(
-            f"cannot {action} {uri!r}: a parent is a file, not a folder ({_reason(e)})"
-        ) from e
-    except PermissionError as e:
-        raise PermissionError(
-            f"cannot {action} {uri!r}: permission denied ({_reason(e)}); check the "
-            "credentials (for s3:// the AWS_* variables or the key/secret storage "
-            "options) and the access rights on the path"
-        ) from e
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC, f"cannot {action} {uri!r}: the store is full ({_reason(e)}); "
-                "free space there, or point the store elsewhere (--store or "
-                "DAREFLOW_STORE) and run again: committed units are kept"
-            ) from e
-        raise OSError(f"cannot {action} {uri!r}: {_reason(e)}") from e
-    except Exception as e:  # only client-library errors are translated, others re-raised
-        if type(e).__module__.split(".")[0] not in _BACKEND_MODULES:
-            raise
-        raise OSError(
-            f"cannot {action} {uri!r}: {type(e).__name__}: {e}; check the endpoint, "
-            "network and credentials of the store"
-        ) from e
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-# --------------------------------------------------------------------------- retries
-# Remote stores fail transiently (a restarted server, a dropped connection, 5xx,
-# throttling). botocore and s3fs retry a little on their own; on top of that every
-# remote read/write/listing here is retried with exponential backoff, bounded both in
-# attempts and in total time. Local files are never retried (ENOSPC does not heal).
-
-#: Environment variables: attempts (>= 1), total seconds, first delay in seconds.
-RETRY_ATTEMPTS_ENV = "DAREFLOW_STORAGE_RETRIES"
-RETRY_SECONDS_ENV = "DAREFLOW_STORAGE_RETRY_SECONDS"
-RETRY_DELAY_ENV = "DAREFLOW_STORAGE_RETRY_DELAY"
-RETRY_DEFAULTS = {RETRY_ATTEMPTS_ENV: 6.0, RETRY_SECONDS_ENV: 60.0, RETRY_DELAY_ENV: 0.5}
-
-_log = logging.getLogger(__name__)
-
-def retry_policy() -> tuple[int, float, float]:
-    """``(attempts, total_seconds, first_delay)`` from the environment (see RETRY_*).
-
-    Raises:
-        ValueError: a variable is not a number in its range (the message names it).
-    """
-    values = {}
-    for var, default in RETRY_DEFAULTS.items():
-        raw = os.environ.get(var, "")
-        try:
-            value = float(raw) if raw.strip() else default
-        except ValueError:
-            value = -1.0
-        low = 1.0 if var == RETRY_ATTEMPTS_ENV else 0.0
-        if not value >= low:
-            raise ValueError(
-                f"{var}={raw!r} is not a number >= {low:g}; set it to e.g. "
-                f"{default:g} (or unset it for the default)"
-            )
-        values[var] = value
-    return (int(values[RETRY_ATTEMPTS_ENV]), values[RETRY_SECONDS_ENV],
-            values[RETRY_DELAY_ENV])
-
-
 def _call(fs: fsspec.AbstractFileSystem, uri: str, action: str, fn: Callable[[], Any]) -> Any:
     """``fn()`` with storage errors named after ``uri``; transient remote errors are
-    retried with exponential backoff (see ``retry_policy``)."""
-    if _is_local(fs):
-        with _storage_errors(uri, action):
+    retried with exponential backoff (see ``dareflow.io.retry.retry_policy``)."""
+    if localdisk.is_local(fs):
+        with storage_errors(uri, action):
             return fn()
-    attempts, budget, delay = retry_policy()
-    started = time.monotonic()
-    for attempt in range(1, attempts + 1):
-        try:
-            with _storage_errors(uri, action):
-                return fn()
-        except OSError as e:
-            elapsed = time.monotonic() - started
-            if not is_transient(e):
-                raise
-            if attempt == attempts or elapsed + delay > budget:
-                raise OSError(
-                    f"{e}; gave up after {attempt} attempt(s) in {elapsed:.1f} s "
-                    f"({RETRY_ATTEMPTS_ENV}={attempts}, {RETRY_SECONDS_ENV}={budget:g}); "
-                    "check that the store is up and reachable, or raise these limits"
-                ) from e
-            _log.warning("cannot %s %s (attempt %d/%d): %s; retrying in %.1f s",
-                         action, uri, attempt, attempts, _reason(e.__cause__ or e), delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
-    return any(p in OBJECT_STORE_PROTOCOLS for p in _protocols(fs))
+    return retry.call(uri, action, fn)
 
 
 def _refresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
     # s3fs caches listings; another worker may have written since, so ask again.
-    if not _is_local(fs):
+    if not localdisk.is_local(fs):
         fs.invalidate_cache(path)
 
 
-def _tmp_sibling(path: str) -> str:
-    return f"{path}{TMP_MARKER}{uuid.uuid4().hex}"
+def check_range(uri: str, start: int | None, end: int | None) -> None:
+    """Check a byte range ``[start, end)`` of ``uri`` (``None``: from the start, to the
+    end) before reading it.
 
-
-def _check_range(uri: str, start: int | None, end: int | None) -> None:
+    Raises:
+        ValueError: a negative or non-integer offset, or ``end < start``.
+    """
     for label, value in (("start", start), ("end", end)):
         if value is not None and (not isinstance(value, int) or value < 0):
             raise ValueError(
@@ -217,20 +83,6 @@ def _check_range(uri: str, start: int | None, end: int | None) -> None:
             f"read of {uri!r}: end ({end}) is before start ({start}); pass the byte "
             "range as start <= end (end exclusive)"
         )
-
-
-def _fsync_dir(path: str) -> None:
-    # Makes the rename itself durable; not possible on every platform, so best effort.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- public API
@@ -369,7 +221,7 @@ def listdir(uri: str, **storage_options: Any) -> list[str]:
 
 def is_temporary(name: str) -> bool:
     """Whether a file name is the temporary sibling of an unfinished atomic write."""
-    return TMP_MARKER in posixpath.basename(name)
+    return localdisk.TMP_MARKER in posixpath.basename(name)
 
 
 def read_bytes(
@@ -384,79 +236,9 @@ def read_bytes(
         FileNotFoundError: nothing exists at ``uri``.
         ValueError: a negative offset or ``end < start``.
     """
-    _check_range(uri, start, end)
+    check_range(uri, start, end)
     fs, path = get_fs(uri, **storage_options)
     return _call(fs, uri, "read", lambda: fs.cat_file(path, start=start, end=end))
-
-
-def read_ranges(uri: str, ranges: Sequence[tuple[int, int]], **storage_options: Any) -> list[bytes]:
-    """Read several byte ranges ``[start, end)`` of one file.
-
-    Local files are opened once; on object stores the ranges are fetched with
-    fsspec's ``cat_ranges`` (concurrent ranged GETs on s3fs). A range past the end of
-    the file returns fewer bytes, as :func:`read_bytes`.
-
-    Raises:
-        FileNotFoundError: nothing exists at ``uri``.
-        ValueError: a negative offset or ``end < start``.
-    """
-    for start, end in ranges:
-        _check_range(uri, start, end)
-    fs, path = get_fs(uri, **storage_options)
-    if not ranges:
-        return []
-    if _is_local(fs):
-        with _storage_errors(uri, "read"), open(path, "rb") as f:
-            out = []
-            for start, end in ranges:
-                f.seek(start)
-                out.append(f.read(end - start))
-            return out
-    wanted = [r for r in ranges if r[1] > r[0]]  # an empty Range header means "all"
-    got = iter(_call(fs, uri, "read", lambda: fs.cat_ranges(
-        [path] * len(wanted), [r[0] for r in wanted], [r[1] for r in wanted],
-        on_error="raise")) if wanted else [])
-    return [next(got) if end > start else b"" for start, end in ranges]
-
-
-def read_into(uri: str, buffer: memoryview, start: int = 0, **storage_options: Any) -> int:
-    """Fill ``buffer`` with the bytes of ``uri`` from offset ``start`` on.
-
-    Local files are read straight into the buffer (no intermediate copy), so a tensor
-    allocated once receives its bytes; other stores do one ranged read and copy.
-
-    Args:
-        uri: The file.
-        buffer: A writable, byte-formatted buffer (e.g. ``memoryview(array)``), shape
-            ``(n,)``; ``n`` bytes are requested.
-        start: Byte offset in the file.
-
-    Returns:
-        The number of bytes read: less than ``len(buffer)`` only when the file ends
-        first.
-
-    Raises:
-        FileNotFoundError: nothing exists at ``uri``.
-    """
-    _check_range(uri, start, None)
-    view = memoryview(buffer).cast("B")
-    fs, path = get_fs(uri, **storage_options)
-    with _storage_errors(uri, "read"):
-        if _is_local(fs):
-            filled = 0
-            with open(path, "rb") as f:
-                f.seek(start)
-                while filled < len(view):
-                    n = f.readinto(view[filled:])
-                    if not n:
-                        break
-                    filled += n
-            return filled
-        if len(view) == 0:
-            return 0
-    data = _call(fs, uri, "read", lambda: fs.cat_file(path, start=start, end=start + len(view)))
-    view[: len(data)] = data
-    return len(data)
 
 
 def open_read(uri: str, **storage_options: Any) -> IO[bytes]:
@@ -469,8 +251,8 @@ def open_read(uri: str, **storage_options: Any) -> IO[bytes]:
         FileNotFoundError: nothing exists at ``uri``.
     """
     fs, path = get_fs(uri, **storage_options)
-    with _storage_errors(uri, "open for reading"):
-        if _is_local(fs):
+    with storage_errors(uri, "open for reading"):
+        if localdisk.is_local(fs):
             return open(path, "rb")
         return fs.open(path, "rb")
 
@@ -495,11 +277,11 @@ def open_write_atomic(uri: str, **storage_options: Any) -> Iterator[IO[bytes]]:
         message names ``uri``).
     """
     fs, path = get_fs(uri, **storage_options)
-    if _is_local(fs):
-        with _local_atomic(uri, path) as f:
+    if localdisk.is_local(fs):
+        with localdisk.atomic_file(uri, path) as f:
             yield f
-    elif _is_object_store(fs):
-        with _object_store_atomic(uri, fs, path) as f:
+    elif objectstore.is_object_store(fs):
+        with objectstore.atomic_upload(uri, fs, path) as f:
             yield f
     else:
         with _rename_atomic(uri, fs, path) as f:
@@ -507,63 +289,16 @@ def open_write_atomic(uri: str, **storage_options: Any) -> Iterator[IO[bytes]]:
 
 
 @contextlib.contextmanager
-def _local_atomic(uri: str, path: str) -> Iterator[IO[bytes]]:
-    parent = os.path.dirname(path) or "."
-    tmp = _tmp_sibling(path)
-    with _storage_errors(uri, "write"):
-        os.makedirs(parent, exist_ok=True)
-        f = open(tmp, "wb")  # noqa: SIM115 - closed below, before the rename
-    try:
-        yield f
-        with _storage_errors(uri, "write"):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.replace(tmp, path)
-        _fsync_dir(parent)
-    except BaseException as e:
-        # close() flushes, and fails again on a full disk: the temporary file must go
-        # whatever happens, or every failed write leaks one.
-        with contextlib.suppress(OSError):
-            f.close()
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            with _storage_errors(uri, "write"):
-                raise  # the body's own write hit the full disk: name the URI
-        raise
-
-
-@contextlib.contextmanager
-def _object_store_atomic(
-    uri: str, fs: fsspec.AbstractFileSystem, path: str
-) -> Iterator[IO[bytes]]:
-    # Spool locally, then one put: the object never exists in a partial state.
-    spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed before the put
-        prefix="dareflow-upload-", delete=False
-    )
-    try:
-        yield spool
-        spool.flush()
-        spool.close()
-        _call(fs, uri, "write", lambda: fs.put_file(spool.name, path))
-    finally:
-        spool.close()
-        with contextlib.suppress(OSError):
-            os.remove(spool.name)
-
-
-@contextlib.contextmanager
 def _rename_atomic(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
-    tmp = _tmp_sibling(path)
-    with _storage_errors(uri, "write"):
+    tmp = localdisk.tmp_sibling(path)
+    with storage_errors(uri, "write"):
         parent = posixpath.dirname(path)
         if parent:
             fs.makedirs(parent, exist_ok=True)
         f = fs.open(tmp, "wb")
     try:
         yield f
-        with _storage_errors(uri, "write"):
+        with storage_errors(uri, "write"):
             f.close()
             fs.mv(tmp, path)
     except BaseException:
@@ -583,135 +318,11 @@ def write_bytes_atomic(uri: str, data: bytes, **storage_options: Any) -> None:
         FileNotFoundError, PermissionError, OSError: the store refused the write.
     """
     fs, path = get_fs(uri, **storage_options)
-    if _is_object_store(fs):
+    if objectstore.is_object_store(fs):
         _call(fs, uri, "write", lambda: fs.pipe_file(path, bytes(data)))
         return
     with open_write_atomic(uri, **storage_options) as f:
         f.write(data)
-
-
-#: Alignment of buffers, file offsets and lengths for ``O_DIRECT`` writes: the page
-#: size, a multiple of every common disk's logical block size.
-DIRECT_ALIGN = 4096
-
-
-def aligned_buffer(nbytes: int) -> memoryview:
-    """A writable, zeroed, page-aligned anonymous buffer of ``nbytes`` bytes, as
-    :func:`write_buffer_atomic` wants (its pages are released when the view is freed)."""
-    return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
-
-
-def write_buffer_atomic(uri: str, buffer: memoryview, size: int, *,
-                        midway: Callable[[], None] | None = None,
-                        **storage_options: Any) -> str:
-    """Write ``buffer[:size]`` to ``uri`` atomically, bypassing the page cache locally.
-
-    Local files are written with ``O_DIRECT`` where the filesystem allows it: the data
-    goes from ``buffer`` to the disk without first being copied into fresh page-cache
-    memory, which on the benchmark VM costs ~10x the disk write itself (every newly
-    cached page is memory the guest must take back from the host). The file is
-    written in whole ``DIRECT_ALIGN`` blocks and then truncated to ``size``, fsynced,
-    and renamed into place like every other write (see the module docstring).
-    Where ``O_DIRECT`` is refused (tmpfs, some network filesystems, other systems)
-    or ``buffer`` is not aligned, the usual buffered write is used; other stores get
-    ``buffer[:size]`` through :func:`open_write_atomic`. The bytes are the same.
-
-    Args:
-        uri: Destination.
-        buffer: The file's bytes from offset 0; for the direct path its address is
-            ``DIRECT_ALIGN``-aligned and it extends to ``size`` rounded up to
-            ``DIRECT_ALIGN`` (:func:`aligned_buffer` gives such buffers). Bytes past
-            ``size`` are written to the temporary file and truncated away.
-        size: Length of the file.
-        midway: Called once between the first and second half of the data (a fault
-            injection point for tests); nothing is published if it raises.
-
-    Returns:
-        How it was written: ``"direct"`` or ``"buffered"``.
-
-    Raises:
-        FileNotFoundError, PermissionError, OSError: the store refused the write.
-    """
-    if not 0 <= size <= len(buffer):
-        raise ValueError(f"write of {uri!r}: size {size} is outside the buffer "
-                         f"(0..{len(buffer)} bytes)")
-    fs, path = get_fs(uri, **storage_options)
-    if _is_local(fs) and _direct_write(uri, path, buffer, size, midway):
-        return "direct"
-    half = size // 2
-    with open_write_atomic(uri, **storage_options) as f:
-        f.write(buffer[:half])
-        if midway is not None:
-            midway()
-        f.write(buffer[half:size])
-    return "buffered"
-
-
-def _direct_write(uri: str, path: str, buffer: memoryview, size: int,
-                  midway: Callable[[], None] | None) -> bool:
-    """The ``O_DIRECT`` path of :func:`write_buffer_atomic`; False: not possible here."""
-    flag = getattr(os, "O_DIRECT", 0)
-    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
-    if not flag or size == 0 or len(buffer) < padded or not buffer.contiguous \
-            or _address(buffer) % DIRECT_ALIGN:
-        return False
-    parent = os.path.dirname(path) or "."
-    tmp = _tmp_sibling(path)
-    with _storage_errors(uri, "write"):
-        os.makedirs(parent, exist_ok=True)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flag, 0o644)
-    except OSError as e:
-        if e.errno == errno.EINVAL:  # the filesystem has no direct IO (e.g. tmpfs)
-            return False
-        with _storage_errors(uri, "write"):
-            raise
-    published = False
-    try:
-        half = (padded // 2) // DIRECT_ALIGN * DIRECT_ALIGN
-        try:
-            _write_all(fd, buffer[:half] if half else buffer[:padded])
-        except OSError as e:
-            if e.errno == errno.EINVAL:  # refused by this device's alignment rules
-                return False  # (the temporary file goes below) buffered write instead
-            raise
-        if midway is not None:
-            midway()
-        if half:
-            _write_all(fd, buffer[half:padded])
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        published = True
-    except OSError:
-        with _storage_errors(uri, "write"):
-            raise
-    finally:
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if not published:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-    _fsync_dir(parent)
-    return True
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while len(data):
-        written = os.write(fd, data)
-        data = data[written:]
-
-
-def _address(buffer: memoryview) -> int:
-    """The memory address of ``buffer``'s first byte."""
-    import ctypes
-
-    if buffer.readonly or len(buffer) == 0:
-        return 1  # never aligned for our purpose: use the buffered path
-    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 def remove(uri: str, *, missing_ok: bool = False, **storage_options: Any) -> None:
@@ -722,7 +333,7 @@ def remove(uri: str, *, missing_ok: bool = False, **storage_options: Any) -> Non
         IsADirectoryError: ``uri`` is a folder.
     """
     fs, path = get_fs(uri, **storage_options)
-    with _storage_errors(uri, "remove"):
+    with storage_errors(uri, "remove"):
         _refresh(fs, path)
         if missing_ok and not fs.exists(path):
             return
@@ -741,7 +352,7 @@ def sha256_of(uri: str, **storage_options: Any) -> str:
         FileNotFoundError: nothing exists at ``uri``.
     """
     digest = hashlib.sha256()
-    with open_read(uri, **storage_options) as f, _storage_errors(uri, "read"):
+    with open_read(uri, **storage_options) as f, storage_errors(uri, "read"):
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -764,14 +375,14 @@ def copy_file(src_uri: str, dst_uri: str, **storage_options: Any) -> None:
     """
     src_fs, src_path = get_fs(src_uri, **storage_options)
     dst_fs, dst_path = get_fs(dst_uri, **storage_options)
-    if src_fs is dst_fs and _is_object_store(src_fs):
-        with _storage_errors(src_uri, f"copy to {dst_uri!r}"):
+    if src_fs is dst_fs and objectstore.is_object_store(src_fs):
+        with storage_errors(src_uri, f"copy to {dst_uri!r}"):
             src_fs.copy(src_path, dst_path)
         return
     with (
         open_read(src_uri, **storage_options) as src,
         open_write_atomic(dst_uri, **storage_options) as dst,
-        _storage_errors(src_uri, f"copy to {dst_uri!r}"),
+        storage_errors(src_uri, f"copy to {dst_uri!r}"),
     ):
         shutil.copyfileobj(src, dst, _CHUNK)
 
@@ -794,32 +405,11 @@ def create_exclusive(uri: str, data: bytes, **storage_options: Any) -> bool:
         PermissionError, OSError: the store refused the write (the message names ``uri``).
     """
     fs, path = get_fs(uri, **storage_options)
-    if _is_local(fs):
-        parent = os.path.dirname(path) or "."
-        tmp = _tmp_sibling(path)
-        with _storage_errors(uri, "create"):
-            os.makedirs(parent, exist_ok=True)
-            try:  # the temporary file goes even when writing it fails (a full disk)
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            finally:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-        _fsync_dir(parent)
-        return True
-    if "s3" in _protocols(fs) or "s3a" in _protocols(fs):
-        with _storage_errors(uri, "create"):
-            try:
-                fs.pipe_file(path, bytes(data), mode="create")
-            except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
-                return False
-        return True
-    with _storage_errors(uri, "create"):
+    if localdisk.is_local(fs):
+        return localdisk.create_exclusive(uri, path, data)
+    if objectstore.is_s3(fs):
+        return objectstore.create_exclusive(uri, fs, path, data)
+    with storage_errors(uri, "create"):
         _refresh(fs, path)
         if fs.exists(path):
             return False

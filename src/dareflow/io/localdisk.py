@@ -1,0 +1,197 @@
+"""Local-disk specifics: atomic renames, ``O_DIRECT`` writes, exclusive creation.
+
+``dareflow.io.storage`` and ``dareflow.io.buffers`` resolve URIs with fsspec and hand
+the paths of local files here:
+
+- atomic writes (:func:`atomic_file`): a temporary sibling ``<name>.tmp-<uuid>`` is
+  written, fsynced, then ``os.replace``-d onto the final name (atomic on POSIX), and the
+  folder is fsynced;
+- ``O_DIRECT`` writes from page-aligned buffers (:func:`direct_write`,
+  :func:`aligned_buffer`, ``DIRECT_ALIGN``), which bypass the page cache;
+- exclusive creation (:func:`create_exclusive`): ``os.link`` of a complete temporary
+  file onto the name.
+
+:func:`is_local` tells which filesystems these apply to. Storage errors are named after
+the URI by ``dareflow.io.retry.storage_errors``; local operations are never retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import IO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from dareflow.io.retry import storage_errors
+
+#: Marker in the name of a temporary sibling written before an atomic commit.
+TMP_MARKER = ".tmp-"
+
+#: Alignment of buffers, file offsets and lengths for ``O_DIRECT`` writes: the page
+#: size, a multiple of every common disk's logical block size.
+DIRECT_ALIGN = 4096
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local disk (plain paths and ``file://`` URIs)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def tmp_sibling(path: str) -> str:
+    """A fresh temporary name next to ``path`` (``<path>.tmp-<uuid>``)."""
+    return f"{path}{TMP_MARKER}{uuid.uuid4().hex}"
+
+
+def fsync_dir(path: str) -> None:
+    """fsync the folder ``path``: makes a rename in it durable. Not possible on every
+    platform, so best effort."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(uri: str, path: str) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``path`` (the local path of ``uri``) only when the
+    ``with`` body completes: temporary sibling, fsync, ``os.replace``, folder fsync."""
+    parent = os.path.dirname(path) or "."
+    tmp = tmp_sibling(path)
+    with storage_errors(uri, "write"):
+        os.makedirs(parent, exist_ok=True)
+        f = open(tmp, "wb")  # noqa: SIM115 - closed below, before the rename
+    try:
+        yield f
+        with storage_errors(uri, "write"):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, path)
+        fsync_dir(parent)
+    except BaseException as e:
+        # close() flushes, and fails again on a full disk: the temporary file must go
+        # whatever happens, or every failed write leaks one.
+        with contextlib.suppress(OSError):
+            f.close()
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            with storage_errors(uri, "write"):
+                raise  # the body's own write hit the full disk: name the URI
+        raise
+
+
+def aligned_buffer(nbytes: int) -> memoryview:
+    """A writable, zeroed, page-aligned anonymous buffer of ``nbytes`` bytes, as
+    ``dareflow.io.buffers.write_buffer_atomic`` wants (its pages are released when the
+    view is freed)."""
+    return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
+
+
+def direct_write(uri: str, path: str, buffer: memoryview, size: int,
+                 midway: Callable[[], None] | None) -> bool:
+    """The ``O_DIRECT`` path of ``dareflow.io.buffers.write_buffer_atomic``: write
+    ``buffer[:size]`` to ``path`` in whole ``DIRECT_ALIGN`` blocks, truncate, fsync and
+    rename into place; False: not possible here (nothing was published)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+    if not flag or size == 0 or len(buffer) < padded or not buffer.contiguous \
+            or _address(buffer) % DIRECT_ALIGN:
+        return False
+    parent = os.path.dirname(path) or "."
+    tmp = tmp_sibling(path)
+    with storage_errors(uri, "write"):
+        os.makedirs(parent, exist_ok=True)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flag, 0o644)
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # the filesystem has no direct IO (e.g. tmpfs)
+            return False
+        with storage_errors(uri, "write"):
+            raise
+    published = False
+    try:
+        half = (padded // 2) // DIRECT_ALIGN * DIRECT_ALIGN
+        try:
+            _write_all(fd, buffer[:half] if half else buffer[:padded])
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # refused by this device's alignment rules
+                return False  # (the temporary file goes below) buffered write instead
+            raise
+        if midway is not None:
+            midway()
+        if half:
+            _write_all(fd, buffer[half:padded])
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        published = True
+    except OSError:
+        with storage_errors(uri, "write"):
+            raise
+    finally:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if not published:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    fsync_dir(parent)
+    return True
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def _address(buffer: memoryview) -> int:
+    """The memory address of ``buffer``'s first byte."""
+    if buffer.readonly or len(buffer) == 0:
+        return 1  # never aligned for our purpose: use the buffered path
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def create_exclusive(uri: str, path: str, data: bytes) -> bool:
+    """Create the local file ``path`` (of ``uri``) holding ``data`` unless it exists.
+
+    The data is written to a temporary sibling, then ``os.link``-ed onto the name, which
+    fails if the name exists: exclusive, and a reader never sees the file empty or
+    partial.
+
+    Returns:
+        True when this call created the file, False when something was already there.
+    """
+    parent = os.path.dirname(path) or "."
+    tmp = tmp_sibling(path)
+    with storage_errors(uri, "create"):
+        os.makedirs(parent, exist_ok=True)
+        try:  # the temporary file goes even when writing it fails (a full disk)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    fsync_dir(parent)
+    return True

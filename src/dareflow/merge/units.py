@@ -1,0 +1,225 @@
+"""Merge one layer unit into a content-addressed shard in the store.
+
+A unit's output lives at ``{store}/units/xx/KEY.safetensors``; its sidecar
+``KEY.json``, written after the shard, is the commit record, and ``KEY.lock`` the lease
+of a run computing it (``dareflow.io.leases``). Also here: the per-thread shard buffer
+the math writes into, and the guard that keeps torch on one thread while units merge in
+parallel. The plan comes from ``dareflow.merge.plan``; ``dareflow.merge.output``
+assembles the committed shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from dareflow.errors import fault_point
+from dareflow.io import buffers, leases, localdisk, storage
+from dareflow.io.checkpoints import Checkpoint
+from dareflow.merge.plan import MergePlan, UnitJob, apply_vocab_policy, build_spec
+from dareflow.methods import merge_tensor
+from dareflow.recipe import fine_tunes, parse_recipe
+
+
+def unit_uris(store_uri: str, key: str) -> tuple[str, str]:
+    """(shard URI, sidecar URI) of a unit output in the store."""
+    base = storage.join(store_uri, "units", key[:2], key)
+    return base + ".safetensors", base + ".json"
+
+
+def committed_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any] | None:
+    """The recorded result of a committed unit, or None if it must be (re)computed.
+
+    A unit is committed when its sidecar exists (written after the shard) and the shard
+    exists with the recorded size; a deleted or truncated shard is recomputed.
+    """
+    shard, sidecar = unit_uris(plan.store_uri, job.key)
+    try:
+        record = json.loads(storage.read_bytes(sidecar))
+        if storage.size(shard) != record["nbytes"]:
+            return None
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    return record
+
+
+def lock_uri(store_uri: str, key: str) -> str:
+    """The lease of a unit being computed: ``{store}/units/xx/KEY.lock``."""
+    return storage.join(store_uri, "units", key[:2], key) + ".lock"
+
+
+def claim_unit(plan: MergePlan, job: UnitJob) -> tuple[leases.Lease | None, dict | None]:
+    """Before computing a unit: take its lease, or wait for the run that holds it.
+
+    Returns:
+        ``(lease, None)`` to compute (release with ``release_unit``), ``(None, record)``
+        when another run committed the unit meanwhile, ``(None, None)`` when the wait
+        timed out (compute anyway: same bytes, atomic writes). See ``dareflow.io.leases``.
+    """
+    return leases.acquire_or_wait(lock_uri(plan.store_uri, job.key),
+                                  lambda: committed_unit(plan, job))
+
+
+def release_unit(plan: MergePlan, job: UnitJob, lease: leases.Lease | None = None) -> None:
+    """After a unit is committed, or failed: drop this thread's lease on it (if any)."""
+    if lease is not None:
+        lease.release()
+    else:
+        leases.release_held(lock_uri(plan.store_uri, job.key))
+
+
+def shard_name(unit: str) -> str:
+    """File name of a unit's shard in the merged folder."""
+    return f"model-{unit}.safetensors"
+
+
+def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
+    """Merge every tensor of one unit into a shard in the store, unless committed.
+
+    The shard is written atomically, then its sidecar (sha256, size, tensors): the
+    sidecar is the commit record, so a killed run never leaves a unit that looks done.
+    Peak memory: the unit's merged tensors (output dtype) and their serialised shard;
+    inputs in a local store are memory-mapped (page cache, not process memory) and the
+    math runs in cache-sized blocks (``dareflow.methods.blockwise``). Inputs elsewhere
+    are read one tensor at a time.
+
+    Returns:
+        ``{"unit", "key", "file", "uri", "sha256", "nbytes", "tensors", "cached"}``.
+    """
+    record = committed_unit(plan, job)
+    if record is not None:
+        return {**record, "cached": True}
+    lease, record = claim_unit(plan, job)
+    if record is not None:  # another run computed it while we waited for its lease
+        return {**record, "cached": True}
+    recipe = parse_recipe(plan.recipe, "<plan>")
+    spec = build_spec(recipe, plan.out_dtype)
+    base = Checkpoint.open(plan.base_uri) if plan.base_uri else None
+    models = list(apply_vocab_policy(recipe, base, {
+        m.model: Checkpoint.open(plan.model_uris[m.model]) for m in fine_tunes(recipe)
+    }).values())
+    reference = base if base is not None else models[0]
+    views, buffer, size = _shard_buffer(
+        {name: reference.info(name).shape for name in job.tensors}, spec.out_dtype)
+    with _one_torch_thread():
+        for name in job.tensors:
+            base_t = _input_tensor(base, name) if base is not None else None
+            finetuned = [_input_tensor(ckpt, name) for ckpt in models]
+            merge_tensor(name, base_t, finetuned, spec, out=views[name])
+            del base_t, finetuned
+    shard, sidecar = unit_uris(plan.store_uri, job.key)
+    sha256, nbytes = _write_shard_bytes(shard, buffer, size)
+    del views, buffer
+    fault_point("shard-written")
+    record = {"unit": job.unit, "key": job.key, "file": shard_name(job.unit), "uri": shard,
+              "sha256": sha256, "nbytes": nbytes, "tensors": list(job.tensors)}
+    storage.write_bytes_atomic(sidecar, json.dumps(record, sort_keys=True).encode())
+    fault_point("unit-committed")
+    release_unit(plan, job, lease)
+    return {**record, "cached": False}
+
+
+_SHARD_BUFFERS = threading.local()
+_TORCH_THREADS_LOCK = threading.Lock()
+_TORCH_THREADS = {"users": 0, "saved": 1}
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Torch ops on the calling thread only while units merge.
+
+    Units already run in parallel on the flow's workers; intra-op threads on top
+    oversubscribe the cores (two workers x two OpenMP threads on two cores), and the
+    blockwise merge then uses larger blocks (fewer GIL round trips). The count is
+    restored when the last concurrent unit leaves. Outputs do not depend on it (the
+    merge is elementwise and its sums run in a fixed order).
+    """
+    with _TORCH_THREADS_LOCK:
+        if _TORCH_THREADS["users"] == 0:
+            _TORCH_THREADS["saved"] = torch.get_num_threads()
+        _TORCH_THREADS["users"] += 1
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        with _TORCH_THREADS_LOCK:
+            _TORCH_THREADS["users"] -= 1
+            if _TORCH_THREADS["users"] == 0:
+                torch.set_num_threads(_TORCH_THREADS["saved"])
+
+
+def _shard_buffer(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+                  ) -> tuple[dict[str, torch.Tensor], memoryview, int]:
+    """The unit's whole shard file laid out in memory before the math runs.
+
+    Returns a view per tensor into the buffer, the buffer and the file's size. The
+    buffer holds exactly the bytes ``assemble.write_shard`` writes for these tensors
+    and ``{"format": "pt"}`` (one dtype, so safetensors orders them by name): the
+    header first, then the data the math writes straight into through the views, so
+    the unit is never copied to be serialised. The buffer is page-aligned for direct
+    IO (``buffers.write_buffer_atomic``) and reused by the next unit of the same
+    worker thread: faulting in fresh memory for every output costs more than the math
+    on the benchmark VM.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    entries, offsets, offset = {}, {}, 0
+    for name in sorted(shapes):
+        size = math.prod(shapes[name]) * itemsize
+        entries[name] = {"dtype": code, "shape": list(shapes[name]),
+                         "data_offsets": [offset, offset + size]}
+        offsets[name] = offset
+        offset += size
+    header = {"__metadata__": {"format": "pt"}, **entries}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    head = struct.pack("<Q", len(text)) + text
+    total = len(head) + offset
+    capacity = -(-total // localdisk.DIRECT_ALIGN) * localdisk.DIRECT_ALIGN
+    buffer = getattr(_SHARD_BUFFERS, "buffer", None)
+    if buffer is None or len(buffer) < capacity:
+        _SHARD_BUFFERS.buffer = buffer = None  # free the old one first
+        _SHARD_BUFFERS.buffer = buffer = localdisk.aligned_buffer(capacity)
+    buffer[: len(head)] = head
+    data = torch.frombuffer(buffer, dtype=torch.uint8, count=offset, offset=len(head)) \
+        if offset else torch.empty(0, dtype=torch.uint8)
+    views = {name: data[offsets[name]:offsets[name] + math.prod(shapes[name]) * itemsize]
+             .view(dtype).reshape(shapes[name]) for name in shapes}
+    return views, buffer, total
+
+
+def _write_shard_bytes(uri: str, buffer: memoryview, size: int) -> tuple[str, int]:
+    """Write ``buffer[:size]`` atomically; (sha256, size) as ``assemble.write_shard``."""
+    sha256 = hashlib.sha256(buffer[:size]).hexdigest()
+    buffers.write_buffer_atomic(uri, buffer, size,
+                                midway=lambda: fault_point("shard-half-written"))
+    return sha256, size
+
+
+def _input_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """One input tensor: a read-only view of the mapped file when it is local, else read.
+
+    Mapping keeps the inputs in the page cache instead of copying ~3 x 23 MB per MLP
+    weight into fresh process memory; the merge only reads them.
+    """
+    info = ckpt.info(name)
+    fs, path = storage.get_fs(info.file, **ckpt.storage_options)
+    if not localdisk.is_local(fs) or info.nbytes == 0 or os.path.getsize(path) < info.end:
+        return ckpt.read(name)  # (a truncated file: read() names the problem)
+    begin = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        # ACCESS_COPY: a private mapping torch accepts as writable; nothing writes to it
+        mapped = mmap.mmap(f.fileno(), info.end - begin, access=mmap.ACCESS_COPY, offset=begin)
+    data = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes,
+                            offset=info.start - begin)
+    return data.view(info.torch_dtype).reshape(info.shape)
