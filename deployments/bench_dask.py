@@ -70,6 +70,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import distributed
+
     from dareflow.flows.merge import run_merge
 
     with tempfile.TemporaryDirectory(prefix="dareflow-bench-") as tmp:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from dareflow.flows.merge import run_merge
 
+from dareflow.flows.merge import run_merge
 from dareflow.recipe import parse_recipe
 from dareflow.settings import DEMO_RECIPE
 
@@ -40,9 +40,8 @@ def run_demo(workdir: str = "dareflow-demo", *, drop_rate: float | None = None,
     Returns:
         The evaluation flow's result (comparison rows, markdown, results URI).
     """
-    from dareflow.flows.evaluate import run_evaluate
-
     from dareflow.demo.family import build_demo_family
+    from dareflow.flows.evaluate import run_evaluate
 
     root = Path(workdir)
     started = time.perf_counter()

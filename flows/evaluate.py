@@ -8,20 +8,20 @@ store + Prefect table and markdown artifacts.
 import os
 from typing import Any, Literal
 
-from dareflow.flows.merge import result_storage
-from dareflow.tasks.evaluate import (
-    evaluate_benchmark,
-    fingerprint_model,
-    outcome_of,
-    stage_mirror,
-    publish_results,
-)
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dareflow.evaluation.checks import check_request
 from dareflow.evaluation.suite import suite_path
+from dareflow.flows.merge import result_storage
 from dareflow.settings import default_store
+from dareflow.tasks.evaluate import (
+    evaluate_benchmark,
+    fingerprint_model,
+    outcome_of,
+    publish_results,
+    stage_mirror,
+)
 
 #: Benchmarks evaluated at once (each a process holding one model): the CPU backend's
 #: torch threads share the cores, so more processes than half the cores only add memory.

@@ -15,6 +15,12 @@ nothing twice. Results: ``{store}/experiments/{kind}/{name}.{csv,parquet,png}``.
 
 from typing import Any
 
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dareflow.experiments import sweeps
+from dareflow.io import storage
+from dareflow.settings import default_store
 from dareflow.tasks.experiments import (
     evaluate_point,
     inspect_deltas,
@@ -23,12 +29,6 @@ from dareflow.tasks.experiments import (
     report,
     resolve_models,
 )
-from prefect import flow, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from dareflow.experiments import sweeps
-from dareflow.io import storage
-from dareflow.settings import default_store
 
 
 def _out(store: str, kind: str, name: str) -> str:

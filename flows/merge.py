@@ -10,14 +10,6 @@ import json
 import os
 from typing import Any
 
-from dareflow.tasks.experiments import check_deltas
-from dareflow.tasks.merge import (
-    assemble_model,
-    make_plan,
-    merge_unit,
-    mirror_source,
-    resolve_sources,
-)
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -26,6 +18,14 @@ from dareflow.merge.plan import warm_up_kernels
 from dareflow.recipe import load_recipe, parse_recipe, recipe_to_dict
 from dareflow.settings import default_store
 from dareflow.sources import source_specs
+from dareflow.tasks.experiments import check_deltas
+from dareflow.tasks.merge import (
+    assemble_model,
+    make_plan,
+    merge_unit,
+    mirror_source,
+    resolve_sources,
+)
 
 #: Default parallel unit tasks: bounded so peak memory stays ~max_workers units.
 DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))

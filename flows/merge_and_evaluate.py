@@ -7,11 +7,11 @@ deployment can schedule it as it is.
 
 from typing import Any, Literal
 
-from dareflow.flows.evaluate import evaluate_flow
-from dareflow.flows.merge import merge_flow
 from prefect import flow
 
 from dareflow.evaluation.checks import check_local_output, check_options, merge_eval_models
+from dareflow.flows.evaluate import evaluate_flow
+from dareflow.flows.merge import merge_flow
 from dareflow.recipe import load_recipe, recipe_to_dict
 
 

@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 
 import pytest
-from dareflow.flows.merge import run_merge, task_runner_for
 
+from dareflow.flows.merge import run_merge, task_runner_for
 from tests.flows.conftest import write_recipe
 
 distributed = pytest.importorskip("distributed", reason="needs the 'dask' extra")

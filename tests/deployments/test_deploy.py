@@ -4,6 +4,7 @@ them on a real one)."""
 import json
 
 import pytest
+
 from dareflow.deployments import deploy
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from dareflow.deployments import deploy
 
+from dareflow.deployments import deploy
 from tests.flows.conftest import write_recipe
 from tests.servers import free_port, process_group_alive
 

@@ -12,8 +12,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from dareflow.flows.evaluate import run_evaluate
-from dareflow.tasks import evaluate
 
 from dareflow.cli import main as cli_main
 from dareflow.evaluation.checks import check_backend, parse_model_specs
@@ -23,6 +21,8 @@ from dareflow.evaluation.mirror_store import ensure_mirror
 from dareflow.evaluation.results import COLUMNS, STATUS_COLUMNS
 from dareflow.evaluation.runner import vllm_available
 from dareflow.evaluation.runs import result_uri
+from dareflow.flows.evaluate import run_evaluate
+from dareflow.tasks import evaluate
 from tests.evaluation.conftest import build_tiny_lm
 from tests.flows.conftest import make_finetune, write_recipe
 

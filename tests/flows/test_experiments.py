@@ -142,7 +142,6 @@ def test_shipped_experiment_configs_validate() -> None:
 
 def test_merge_flow_gate_refuses_a_wrong_base(pico_family: dict, tmp_path: Path) -> None:
     from dareflow.flows.merge import run_merge
-
     from tests.flows.conftest import write_recipe
 
     wrong = _unrelated(pico_family["base"], tmp_path / "wrong")
@@ -164,9 +163,8 @@ def test_merge_flow_gate_refuses_a_wrong_base(pico_family: dict, tmp_path: Path)
 def test_paper_findings(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The paper's qualitative findings on the real demo family (built once, ~2 min;
     set DAREFLOW_DEMO_FAMILY_DIR to reuse a built one)."""
-    from dareflow.flows.experiments import sweep_flow
-
     from dareflow import delta_stats
+    from dareflow.flows.experiments import sweep_flow
 
     root = os.environ.get("DAREFLOW_DEMO_FAMILY_DIR") or str(
         tmp_path_factory.mktemp("demo") / "family")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from dareflow.flows.merge import run_merge
 from safetensors.torch import load_file, save_file
 
+from dareflow.flows.merge import run_merge
 from dareflow.methods import derive_key, keep_mask
 from tests.flows.conftest import write_recipe
 

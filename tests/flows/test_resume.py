@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from dareflow.flows.merge import run_merge
 
+from dareflow.flows.merge import run_merge
 from tests.flows.conftest import write_recipe
 
 

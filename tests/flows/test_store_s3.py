@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from dareflow.flows.merge import run_merge
 
 from dareflow.cli import main
+from dareflow.flows.merge import run_merge
 from dareflow.io import storage
 from tests.flows.conftest import write_recipe
 

@@ -7,9 +7,9 @@ import struct
 from pathlib import Path
 
 import torch
-from dareflow.flows.merge import run_merge
 from safetensors.torch import load_file
 
+from dareflow.flows.merge import run_merge
 from tests.reliability.conftest import (
     WEIGHTS,
     committed_units,

@@ -8,8 +8,8 @@ import shutil
 
 import pandas as pd
 import pytest
-from dareflow.flows.evaluate import run_evaluate
 
+from dareflow.flows.evaluate import run_evaluate
 from tests.evaluation.conftest import build_tiny_lm
 
 ONE_TASK = """\

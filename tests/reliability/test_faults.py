@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from dareflow.flows.merge import run_merge
 
+from dareflow.flows.merge import run_merge
 from tests.reliability.conftest import committed_units, snapshot, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from dareflow.flows.merge import run_merge
 from safetensors.torch import load_file
 
+from dareflow.flows.merge import run_merge
 from tests.reliability.conftest import WEIGHTS, refused, variant, write_recipe
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from dareflow.flows.merge import run_merge
 
+from dareflow.flows.merge import run_merge
 from dareflow.io import retry, storage
 from tests.reliability.conftest import write_recipe
 from tests.servers import free_port

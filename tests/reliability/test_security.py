@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dareflow.flows.merge import run_merge
 
+from dareflow.flows.merge import run_merge
 from tests.reliability.conftest import WEIGHTS, refused, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
