@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 
 def build_family(root: Path, layers: int, hidden: int, seed: int = 0) -> dict[str, Path]:
     """base + fine-tunes ``a`` (delta ~ N(0, 0.002)) and ``b`` (delta ~ N(0, 0.003))."""
-    from safetensors.torch import load_file, save_file
+    # heavy: transformers (~3 s), only when the family is built (--help stays fast)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75),
@@ -47,6 +48,7 @@ def build_family(root: Path, layers: int, hidden: int, seed: int = 0) -> dict[st
 
 def unit_span(flow_name: str = "dare-merge") -> tuple[int, float]:
     """(units, seconds from the first unit start to the last unit end) of the latest run."""
+    # Prefect (~1.2 s) only when reading the runs back (--help stays fast)
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
     from prefect.client.schemas.sorting import FlowRunSort
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     args = parser.parse_args()
 
+    # optional: distributed (the dask extra, ~0.2 s); the merge flow imports Prefect (~1.3 s):
+    # both only once the arguments are parsed (--help stays fast)
     import distributed
 
     from dareflow.flows.merge import run_merge

@@ -111,6 +111,8 @@ def deployment_specs(env: str, recipes: Sequence[str | Path], *, store: str | No
         KeyError: unknown ``env``.
         ValueError: a recipe is invalid, or two recipes share a name.
     """
+    # heavy: the recipe imports torch (~1.4 s), storage fsspec (~0.1 s); only when recipes
+    # are read (--help stays fast)
     from dareflow.io import storage
     from dareflow.recipe import load_recipe, recipe_to_dict
 
@@ -161,6 +163,7 @@ def _in_checkout(path: Path) -> str:
 
 def ensure_work_pool(name: str = WORK_POOL) -> bool:
     """Create the process work pool ``name`` unless it exists; True if created."""
+    # Prefect (~1 s) only when deploying (not for --dry-run)
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -190,6 +193,7 @@ def deploy(env: str, recipes: Sequence[str | Path] | None = None, *, store: str 
     Returns:
         The deployments' full names, ``<flow name>/nightly-<recipe name>``.
     """
+    # Prefect (~1 s) only when deploying (not for --dry-run)
     from prefect import Flow
     from prefect.schedules import Cron
 

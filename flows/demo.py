@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from dareflow.demo.family import build_demo_family
+from dareflow.flows.evaluate import run_evaluate
 from dareflow.flows.merge import run_merge
 from dareflow.recipe import parse_recipe
 from dareflow.settings import DEMO_RECIPE
@@ -40,9 +42,6 @@ def run_demo(workdir: str = "dareflow-demo", *, drop_rate: float | None = None,
     Returns:
         The evaluation flow's result (comparison rows, markdown, results URI).
     """
-    from dareflow.demo.family import build_demo_family
-    from dareflow.flows.evaluate import run_evaluate
-
     root = Path(workdir)
     started = time.perf_counter()
     print(f"[demo] building the tiny model family in {root / 'family'} (reused if present)")

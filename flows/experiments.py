@@ -19,6 +19,7 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dareflow.experiments import sweeps
+from dareflow.experiments.representation import calibration_prompts
 from dareflow.io import storage
 from dareflow.settings import default_store
 from dareflow.tasks.experiments import (
@@ -89,8 +90,6 @@ def similarity_flow(config: dict[str, Any], store: str | None = None) -> dict[st
     Returns:
         ``{"rows": [...], "paths": {...}}``.
     """
-    from dareflow.experiments.representation import calibration_prompts
-
     cfg = sweeps.SimilarityConfig.model_validate(config)
     store = store or default_store()
     uris = resolve_models(cfg.demo_family.model_dump() if cfg.demo_family else None,

@@ -1,6 +1,8 @@
 """The merge flow: wiring only (see dareflow.tasks.merge for the tasks).
 
-mirror sources into the store (one mapped task per model, pinned revisions) → plan
+pre-flight (config, index and headers read where each model lives: every family problem
+before any download) → mirror sources into the store (one mapped task per model, pinned
+revisions) → plan
 (headers, family check, layer units) → one mapped task per unit (DARE + fusion, writes
 one shard) → assemble and publish the HF folder.
 """
@@ -24,6 +26,7 @@ from dareflow.tasks.merge import (
     make_plan,
     merge_unit,
     mirror_source,
+    preflight_merge,
     resolve_sources,
 )
 
@@ -53,6 +56,8 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     output.check_output(out, overwrite=overwrite)
     staging = output.staging_uri(out)
     output.clear_staging(staging)
+    # metadata only: a family problem stops the run before any model is mirrored
+    preflight_merge(recipe_to_dict(parsed), store, out)
     mirrored = mirror_source.map(source_specs(parsed), unmapped(store)).result()
     sources = resolve_sources(recipe_to_dict(parsed), mirrored)
     results_in_store = result_storage(store)

@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 
 from dareflow.evaluation import mirror_store, report, results, runs
 from dareflow.evaluation.child import EvaluationError
@@ -99,8 +100,6 @@ def publish_results(outcomes: list[dict[str, Any]], suite: str, merged: str,
                   sources: list[str], results_uri: str | None, store: str) -> dict[str, Any]:
     """Tidy table (parquet + CSV), raw JSON, comparison (markdown + CSV) and Prefect table and
     markdown artifacts; returns the URIs, the comparison and the failures."""
-    from prefect.runtime import flow_run
-
     parsed = load_suite(suite)
     entries = {t.name: t.model_dump(mode="json") for t in parsed.tasks}
     table, raws = report.results_table(outcomes, entries)

@@ -5,14 +5,19 @@ and ``dareflow.experiments.representation``. They pass URIs and small records, n
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from dareflow import delta_stats
-from dareflow.recipe import parse_recipe
+from dareflow.experiments import representation, sweeps
+from dareflow.io.checkpoints import Checkpoint
+from dareflow.recipe import GateConfig, parse_recipe
 
 #: Bump when the gate's statistics or verdict logic change.
 GATE_CODE_VERSION = "1"
@@ -22,11 +27,6 @@ def gate_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """The gate's verdict depends only on its config, the method and the input tensors:
     key it by those (tensor fingerprints come from headers, no data is read), so a
     rerun on unchanged inputs skips the sampling."""
-    import hashlib
-    import json
-
-    from dareflow.io.checkpoints import Checkpoint
-
     recipe = parse_recipe(parameters["recipe"], "<recipe>")
     sources = parameters["sources"]
     uris = {"base": sources["base_uri"], **sources["model_uris"]}
@@ -61,8 +61,6 @@ def check_deltas(recipe: dict[str, Any], sources: dict[str, Any]) -> list[dict[s
 @task(name="resolve-models", cache_policy=NONE)
 def resolve_models(demo_family: dict[str, Any] | None, names: list[str]) -> dict[str, str]:
     """Config model names → checkpoint URIs (building the demo family once if asked)."""
-    from dareflow.experiments import sweeps
-
     spec = sweeps.DemoFamilySpec(**demo_family) if demo_family else None
     return sweeps.resolve_models(spec, names, progress=get_run_logger().info)
 
@@ -71,9 +69,6 @@ def resolve_models(demo_family: dict[str, Any] | None, names: list[str]) -> dict
 def inspect_deltas(base_uri: str, finetuned_uri: str, out_stem: str) -> dict[str, Any]:
     """Delta statistics of one pair (exact per tensor), written as CSV + PNG, with the
     gate's verdict at its default thresholds."""
-    from dareflow.experiments import sweeps
-    from dareflow.recipe import GateConfig
-
     stats = delta_stats.delta_stats(base_uri, finetuned_uri)
     gate = GateConfig()
     verdict = delta_stats.gate_verdict(finetuned_uri, base_uri, stats,
@@ -88,8 +83,6 @@ def inspect_deltas(base_uri: str, finetuned_uri: str, out_stem: str) -> dict[str
 @task(name="merge-point", cache_policy=NONE, task_run_name="merge-{recipe[merge_method]}")
 def merge_point(recipe: dict[str, Any], store_uri: str) -> dict[str, Any]:
     """Merge one experiment point (content-addressed units and model folder)."""
-    from dareflow.experiments import sweeps
-
     return sweeps.merge_point(recipe, store_uri)
 
 
@@ -97,8 +90,6 @@ def merge_point(recipe: dict[str, Any], store_uri: str) -> dict[str, Any]:
 def evaluate_point(merged: dict[str, Any], evaluation: dict[str, Any], store_uri: str,
                    splits: list[str]) -> dict[str, Any]:
     """Score a merged model on the skill splits (cached by content key in the store)."""
-    from dareflow.experiments import sweeps
-
     return sweeps.evaluate_point(merged, sweeps.SkillsEval(**evaluation), store_uri, splits)
 
 
@@ -106,8 +97,6 @@ def evaluate_point(merged: dict[str, Any], evaluation: dict[str, Any], store_uri
 def layer_similarity(reference_uri: str, variants: dict[str, str],
                      prompts: list[str]) -> list[dict[str, Any]]:
     """Per-layer hidden-state cosine similarity of each variant to the reference."""
-    from dareflow.experiments import representation
-
     return representation.similarity_rows(reference_uri, variants, prompts)
 
 
@@ -115,10 +104,7 @@ def layer_similarity(reference_uri: str, variants: dict[str, str],
 def report(rows: list[dict[str, Any]], out_stem: str, kind: str, title: str) -> dict[str, str]:
     """Write a results table (CSV + parquet) and its PNG plot to the store, and publish
     them as Prefect artifacts (a table, and markdown naming the files)."""
-    import pandas as pd
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    from dareflow.experiments import representation, sweeps
+    import pandas as pd  # heavy: pandas (~0.2 s), only when reporting
 
     table = pd.DataFrame(rows)
     paths = sweeps.write_table(table, out_stem)

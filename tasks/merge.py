@@ -18,6 +18,7 @@ from prefect.context import TaskRunContext
 from dareflow.errors import is_transient
 from dareflow.merge import output, units
 from dareflow.merge.plan import MergePlan, UnitJob, plan_merge
+from dareflow.merge.preflight import preflight
 from dareflow.recipe import parse_recipe
 from dareflow.sources import collect_sources, mirror_model
 
@@ -26,6 +27,23 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry condition: only network/server errors (``dareflow.errors.is_transient``)."""
     exc = state.data if isinstance(state.data, BaseException) else None
     return is_transient(exc)
+
+
+@task(name="preflight", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=_transient)
+def preflight_merge(recipe: dict[str, Any], store_uri: str, out_uri: str) -> dict[str, Any]:
+    """Check the recipe's models from metadata only (dareflow.merge.preflight), before any
+    model is mirrored; raises what the plan would raise (every family problem)."""
+    report = preflight(parse_recipe(recipe, "<recipe>"), store_uri, out_uri=out_uri,
+                       measure=False)  # the IO probe serves `dareflow plan`'s time estimate
+    report.raise_for_problems()
+    summary = report.summary()
+    get_run_logger().info(
+        "pre-flight ok: %d tensors in %d units, %.1f MB to download, store +%.1f MB",
+        summary["tensors"], summary["units"], (summary["download_bytes"] or 0) / 1e6,
+        (summary["store_bytes"] or 0) / 1e6,
+    )
+    return summary
 
 
 @task(name="mirror-source", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],

@@ -346,6 +346,11 @@ class HubRequest:
     def authorization(self) -> str | None:
         return self.headers.get("authorization")
 
+    @property
+    def range(self) -> str | None:
+        """The ``Range`` header as sent (``bytes=8-2095``), or None for a whole-file GET."""
+        return self.headers.get("range")
+
 
 @dataclass(frozen=True)
 class _HubFile:
@@ -365,13 +370,19 @@ class FakeHub:
     ``Authorization: Bearer <token>``, as for a private repo; otherwise the Hub answers 401
     ``RepoNotFound``. No ``X-Xet-Hash`` header is ever sent, so clients use plain HTTP downloads.
 
+    File downloads honour ``Range`` (206 with ``Content-Range``, 416 past the end), as the
+    Hub's resolve endpoint does, unless ``ignore_range`` is set (then every GET sends the
+    whole file with 200, like a server or proxy without range support).
+
     Attributes:
         requests: every request received, in order (see :meth:`count`).
+        ignore_range: answer ranged GETs with the whole file.
     """
 
     def __init__(self, repos: Mapping[str, str | os.PathLike], token: str | None = None):
         self.repos = {repo_id: Path(folder) for repo_id, folder in repos.items()}
         self.token = token
+        self.ignore_range = False
         self.requests: list[HubRequest] = []
         self._lock = threading.Lock()
         self._hash_cache: dict[tuple[str, int, int], tuple[str, str]] = {}
@@ -435,7 +446,8 @@ class FakeHub:
             )
 
     def downloads(self) -> list[str]:
-        """Paths of the file bodies sent (GET on ``/resolve/``)."""
+        """Paths of the file bodies sent (GET on ``/resolve/``), whole or a byte range
+        (:attr:`HubRequest.range`)."""
         with self._lock:
             return [r.path for r in self.requests if r.method == "GET" and "/resolve/" in r.path]
 
@@ -673,7 +685,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         size = entry.size
         start, end = 0, size - 1
         status = 200
-        rng = self.headers.get("Range")
+        rng = None if self.fake.ignore_range else self.headers.get("Range")
         if rng and rng.startswith("bytes=") and size > 0:
             first, _, last = rng[len("bytes="):].split(",")[0].partition("-")
             if first:

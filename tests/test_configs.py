@@ -75,3 +75,33 @@ def test_unknown_kind_and_unknown_name_are_explained(tmp_path: Path):
         kind_of({"nom": 1}, "x.yaml")
     with pytest.raises(FileNotFoundError, match="neither a file nor a shipped config"):
         config_path("paper/nope")
+
+
+PAPER = sorted((CONFIGS_DIR / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_paper_recipes_write_out_every_option(path: Path):
+    # the paper's settings never depend on a default (dareflow's defaults are mergekit's)
+    from dareflow.merge.plan import conventions
+    from dareflow.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    left = {k: v for k, v in conventions(recipe).items() if v != "set in the recipe"}
+    assert left == {}
+    assert recipe.parameters.rescale == "inverse"  # the paper's 1/(1 - p)
+
+
+def test_the_wizard_recipe_is_the_authors_average_merging_with_dare():
+    from dareflow.recipe import load_recipe
+
+    # MergeLM mask_merging + average_merging: base + the mean of the rescaled deltas
+    # (λ 1; equal weights summing to 1, or weights 1 with normalize: true)
+    recipe = load_recipe(CONFIGS_DIR / "paper" / "wizardlm_wizardmath_13b.yaml")
+    params = recipe.parameters
+    assert recipe.merge_method == "dare_linear" and params.rescale == "inverse"
+    assert params.scale == 1.0
+    weights = [m.parameters.weight for m in recipe.models]
+    assert [m.parameters.drop_rate for m in recipe.models] == [0.2, 0.2]
+    assert len(set(weights)) == 1
+    assert (params.normalize is True) or (params.normalize is False and sum(weights) == 1.0)

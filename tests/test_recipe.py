@@ -6,8 +6,10 @@ from dareflow.errors import ProblemsError
 from dareflow.recipe import (
     drop_rate_of,
     fine_tunes,
+    is_per_tensor,
     load_recipe,
     parse_recipe,
+    rate_of,
     weight_of,
 )
 
@@ -76,9 +78,87 @@ def test_drop_rate_and_density_together_are_refused():
         parse_recipe(data)
 
 
-def test_dare_without_a_rate_is_refused():
-    with pytest.raises(ProblemsError, match="model 'a': merge_method 'dare_linear' needs a drop rate"):
-        parse_recipe(_recipe(models=[{"model": "a"}]))
+def test_dare_without_a_rate_drops_nothing_as_mergekit():
+    # mergekit's density default is 1 for every sparsifying method: nothing dropped
+    recipe = parse_recipe(_recipe(models=[{"model": "a"}]))
+    assert drop_rate_of(recipe, fine_tunes(recipe)[0]) == 0.0
+    assert rate_of(recipe, fine_tunes(recipe)[0]) == (0.0, None)
+
+
+def test_density_is_kept_for_mergekit_keep_count():
+    recipe = parse_recipe(_recipe())
+    a, b = fine_tunes(recipe)
+    assert rate_of(recipe, a) == (0.3, None)  # drop_rate given
+    assert rate_of(recipe, b) == (0.4, 0.6)  # density given: kept as written
+
+
+def test_negative_weights_are_accepted():
+    recipe = parse_recipe(_recipe(merge_method="task_arithmetic", models=[
+        {"model": "a", "parameters": {"weight": 1.0}},
+        {"model": "b", "parameters": {"weight": -0.5}}]))
+    assert [weight_of(recipe, m) for m in fine_tunes(recipe)] == [1.0, -0.5]
+
+
+def test_gradients_and_filters_parse_and_resolve():
+    recipe = parse_recipe(_recipe(
+        models=[{"model": "a", "parameters": {
+            "weight": [0, 0.3, 0.7, 1],
+            "drop_rate": [{"filter": "mlp", "value": 0.5},
+                          {"filter": "*", "value": [0.1, 0.9]}]}},
+                {"model": "b", "parameters": {"weight": [{"filter": "self_attn", "value": 2}]}}],
+        parameters={"weight": 0.25, "density": [{"filter": "lm_head", "value": 1.0}]},
+    ))
+    a, b = fine_tunes(recipe)
+    assert [weight_of(recipe, a, "x", t) for t in (0, 1 / 3, 2 / 3, 1)] == [0, 0.3, 0.7, 1]
+    assert weight_of(recipe, a, "x", 0.5) == 0.5  # between 0.3 and 0.7
+    assert drop_rate_of(recipe, a, "model.layers.0.mlp.up_proj.weight", 0) == 0.5
+    assert drop_rate_of(recipe, a, "model.layers.0.self_attn.q_proj.weight", 0.5) == 0.5
+    assert drop_rate_of(recipe, a, "model.layers.0.self_attn.q_proj.weight", 1) == 0.9
+    # b: its own filter where it matches, else the top-level weight; top-level density
+    # filter only for lm_head, else mergekit's default (nothing dropped)
+    assert weight_of(recipe, b, "model.layers.0.self_attn.o_proj.weight") == 2.0
+    assert weight_of(recipe, b, "model.layers.0.mlp.up_proj.weight") == 0.25
+    assert rate_of(recipe, b, "lm_head.weight") == (0.0, 1.0)
+    assert rate_of(recipe, b, "model.norm.weight") == (0.0, None)
+    assert is_per_tensor(recipe)
+    assert not is_per_tensor(parse_recipe(_recipe()))
+
+
+@pytest.mark.parametrize(("params", "problem"), [
+    ({"weight": {"filter": "mlp", "value": 1}},
+     "models.0.parameters.weight: a {filter, value} entry must be inside a list"),
+    ({"weight": []}, "models.0.parameters.weight: an empty list gives no value"),
+    ({"density": [0.5, 1.5]}, ("models.0.parameters.density: gradient [0.5, 1.5]: Input "
+     "should be less than or equal to 1 (got 1.5)")),
+    ({"drop_rate": [{"filter": "mlp", "value": [0.1, -1]}]},
+     ("models.0.parameters.drop_rate: entry 0: gradient [0.1, -1]: Input should be greater "
+     "than or equal to 0 (got -1)")),
+    ({"weight": [{"filter": "mlp"}]}, "models.0.parameters.weight: entry 0: `value` is missing"),
+    ({"weight": [{"fliter": "mlp", "value": 1}]},
+     "models.0.parameters.weight: entry 0: unknown key(s) ['fliter']"),
+    ({"weight": [1, {"value": 1}]}, ("models.0.parameters.weight: entry 0: a list must hold "
+     "only numbers (a gradient) or only {filter, value} entries, got 1 among entries")),
+    ({"weight": [{"filter": 3, "value": 1}]},
+     "models.0.parameters.weight: entry 0: `filter` must be a string"),
+    ({"weight": "heavy"}, ("models.0.parameters.weight: Input should be a number, a list of "
+     "numbers (a gradient over the layers) or a list of {filter, value} entries (got 'heavy')")),
+    ({"normalize": True}, ("models[0].parameters.normalize: 'normalize' is a method-wide "
+     "option, not a per-model one (mergekit would silently ignore it here); move it to the "
+     "top-level parameters:")),
+    ({"lambda": 0.5}, "models[0].parameters.lambda: 'lambda' is a method-wide option"),
+])
+def test_bad_settings_are_named(params, problem):
+    with pytest.raises(ProblemsError) as info:
+        parse_recipe(_recipe(models=[{"model": "a", "parameters": params}]))
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
+def test_method_wide_options_take_one_value():
+    with pytest.raises(ProblemsError) as info:
+        parse_recipe(_recipe(parameters={"lambda": [0.5, 1.0], "rescale": "inverse"}))
+    assert info.value.problems == [
+        ("parameters.lambda: a method-wide option takes one value, not a list (got [0.5, "
+        "1.0]); gradients and filters apply to weight, density, drop_rate")]
 
 
 def test_rate_on_a_method_that_does_not_sparsify_is_refused():

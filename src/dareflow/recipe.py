@@ -1,20 +1,35 @@
 """Merge recipes: a typed, validated superset of mergekit's YAML.
 
 A mergekit config for ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear`` or
-``dare_ties`` loads unchanged; dareflow adds ``drop_rate`` (the paper's p, as an
-alternative to ``density`` = 1 - p), ``rescale``, the TIES variant options, ``seed`` and
-``output``. Unknown keys are rejected and every problem is reported in one error.
+``dare_ties`` loads unchanged and computes what mergekit computes: every option left
+out takes mergekit's default for the method (``dareflow.methods.table``). dareflow adds
+``drop_rate`` (the paper's p, as an alternative to ``density`` = 1 - p), ``rescale``
+(``inverse`` | ``l1`` | ``none``), the TIES variant options, ``trim_after_dare``,
+``seed``, ``gate`` and ``output``. Unknown keys are rejected and every problem is
+reported in one error.
+
+Per-model numbers (``weight``, ``density``, ``drop_rate``), per model or in the
+top-level ``parameters``, may be a number, a gradient (a list of numbers interpolated
+over the layers) or a list of ``{filter, value}`` entries, with mergekit's rules
+(``dareflow.parameters``; README, "Merging").
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
 from dareflow.errors import ProblemsError, unknown_choice
 from dareflow.methods import METHODS
+from dareflow.parameters import (
+    PER_MODEL_KEYS,
+    Setting,
+    check_setting,
+    evaluate_setting,
+    is_scalar,
+)
 from dareflow.schema import StrictModel, read_yaml, validation_problems
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,19 +38,24 @@ SignElection = Literal["sum", "weighted_sum", "count"]
 DisjointMerge = Literal["mean", "weight", "sum"]
 # What to do when a fine-tune's vocabulary (embedding/lm_head rows) differs from the
 # base's: refuse (default); exclude_embeddings keeps the base's embedding and head rows
-# (those tensors are not merged); pad_to_union (the DARE authors' mean-initialised rows)
-# is reserved and not supported yet.
+# (those tensors are not merged); pad_to_union pads every model with fewer rows than the
+# largest with rows equal to the mean of its own rows (the DARE authors' policy for
+# WizardMath's added [PAD] token; dareflow.merge.vocab). mergekit's `tokenizer:` keys are
+# the other way (a union or chosen tokenizer, rows re-indexed by token).
 VocabMismatch = Literal["refuse", "exclude_embeddings", "pad_to_union"]
 
 
-
-
 class ModelParameters(StrictModel):
-    """Per-model parameters (mergekit's ``models[].parameters``)."""
+    """Per-model parameters (mergekit's ``models[].parameters``): each a :data:`Setting`."""
 
-    weight: float | None = None
-    density: float | None = Field(default=None, ge=0.0, le=1.0)
-    drop_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    weight: Setting | None = None
+    density: Setting | None = None
+    drop_rate: Setting | None = None
+
+    @field_validator(*PER_MODEL_KEYS, mode="before")
+    @classmethod
+    def _setting(cls, value: Any, info: Any) -> Any:
+        return check_setting(value, info.field_name)
 
 
 class ModelEntry(StrictModel):
@@ -53,28 +73,36 @@ class ModelEntry(StrictModel):
 class MergeParameters(StrictModel):
     """Method-wide parameters (mergekit's top-level ``parameters``).
 
-    ``weight``, ``density`` and ``drop_rate`` here are defaults for every model.
+    ``weight``, ``density`` and ``drop_rate`` here are defaults for every model (used
+    where a model's own setting is unset or no filter of it matches). Every other key
+    is method-wide and one value. Unset options take mergekit's default for the method.
     """
 
-    weight: float | None = None
-    density: float | None = Field(default=None, ge=0.0, le=1.0)
-    drop_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    weight: Setting | None = None
+    density: Setting | None = None
+    drop_rate: Setting | None = None
     # mergekit spells the task-arithmetic scaling factor λ as `lambda`.
     scale: float = Field(default=1.0, alias="lambda")
     normalize: bool | None = None
-    # None: the method's default ("inverse" for DARE, the paper; "none" for magnitude).
+    # None: mergekit's default ("l1" for DARE methods, "none" for magnitude);
+    # "inverse" is the DARE paper's 1/(1 - p).
     rescale: Rescale | None = None
-    # TIES variants; None: the paper's ("sum" and "mean"). See `dareflow ls`.
+    # TIES variants; None: mergekit's ("weighted_sum"; "weight" for ties, "sum" for
+    # dare_ties, or as `normalize` says). The TIES paper's: "sum" and "mean".
     sign_election: SignElection | None = None
     disjoint_merge: DisjointMerge | None = None
-    # dare_ties only: TIES magnitude trim (a drop rate) after DARE. None: the DARE
-    # authors' code (MergeLM runs full TIES, trim 0.8, after DARE); 0 = mergekit/peft.
+    # dare_ties only: TIES magnitude trim (a drop rate) after DARE. None: 0, mergekit's
+    # and peft's; the DARE authors' GLUE script trims 0.8 (MERGELM_TIES_TRIM).
     trim_after_dare: float | None = Field(default=None, ge=0.0, le=1.0)
     # mergekit's int8_mask only saves memory there; masks here are always exact.
     int8_mask: bool = False
     # vocabulary-size differences (added tokens); None: refuse. See VocabMismatch.
     vocab_mismatch: VocabMismatch | None = None
 
+    @field_validator(*PER_MODEL_KEYS, mode="before")
+    @classmethod
+    def _setting(cls, value: Any, info: Any) -> Any:
+        return check_setting(value, info.field_name)
 
     @field_validator("rescale", mode="before")
     @classmethod
@@ -115,6 +143,57 @@ class GateConfig(StrictModel):
         return value
 
 
+#: Built-in chat templates (``chat_template: <name>``; texts in dareflow.merge.tokenizer);
+#: ``auto`` takes the most common template of the models; anything else must be a
+#: literal Jinja template.
+CHAT_TEMPLATE_NAMES = ("auto", "chatml")
+
+
+class ZeroEmbedding(StrictModel):
+    """mergekit's ``{kind: zero}``: the token's row is zeros."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(StrictModel):
+    """mergekit's ``{kind: model_token}``: the row of ``token`` (or of id ``token_id``) in
+    ``model``'s own vocabulary."""
+
+    kind: Literal["model_token"]
+    model: str = Field(min_length=1)
+    token: str | None = None
+    token_id: int | None = Field(default=None, ge=0)
+
+
+class TokenEmbedding(StrictModel):
+    """mergekit's ``tokenizer.tokens.<TOKEN>``: the token's row for the models that lack
+    it (for every model with ``force: true``); no source: mergekit's default rule."""
+
+    source: Annotated[ZeroEmbedding | ModelTokenEmbedding, Field(discriminator="kind")] \
+        | str | None = None
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _known_kind(cls, value: Any) -> Any:
+        # one message instead of pydantic's error per member of the union
+        if isinstance(value, dict) and value.get("kind") not in ("zero", "model_token"):
+            raise ValueError(
+                "a token source is a model of the recipe, {kind: zero} or {kind: "
+                f"model_token, model: M, token: T | token_id: N}}; got kind "
+                f"{value.get('kind')!r}")
+        return value
+
+
+class TokenizerConfig(StrictModel):
+    """mergekit's ``tokenizer:``: the output tokenizer (``union``, ``base`` or a model of
+    the recipe), tokens to add or whose rows to set, and padding of the rows."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class Recipe(StrictModel):
     """A merge recipe. See ``configs/`` for examples and ``dareflow ls`` for methods."""
 
@@ -123,12 +202,20 @@ class Recipe(StrictModel):
     models: list[ModelEntry] = Field(min_length=1)
     parameters: MergeParameters = MergeParameters()
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    tokenizer_source: Literal["base"] | None = None
+    # mergekit's tokenizer keys (dareflow.merge.vocab): tokenizer_source is the legacy
+    # spelling of tokenizer.source; none: the base's tokenizer files are copied
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
     seed: int = Field(default=0, ge=0, lt=2**63)
     output: str | None = None
     name: str | None = None
     # the DARE applicability gate; None: its defaults (see GateConfig)
     gate: GateConfig | None = None
+    # Written by dareflow into the resolved recipe (model card, manifest): per option,
+    # whose convention its value follows ("set in the recipe", "mergekit default",
+    # "dareflow default"). Informational: no effect on the merge.
+    conventions: dict[str, str] | None = None
 
     @field_validator("merge_method")
     @classmethod
@@ -165,16 +252,6 @@ def _semantic_problems(recipe: Recipe) -> list[str]:
                 f"{key} would be ignored; remove it, or use "
                 f"{'dare_linear' if row.consensus == 'none' else 'dare_ties'} for DARE"
             )
-        if p.weight is not None and p.weight < 0:
-            problems.append(f"{where}.weight: must be >= 0, got {p.weight}")
-    if row.sparsification == "dare" or row.sparsification == "magnitude":
-        for i, m in enumerate(_fine_tunes(recipe)):
-            if _rate(m.parameters, params) is None:
-                problems.append(
-                    f"model '{m.model}': merge_method '{row.id}' needs a drop rate; set "
-                    "drop_rate (p) or density (1 - p) in its parameters or in the "
-                    "top-level parameters"
-                )
     if params.rescale is not None and not sparsifies:
         problems.append(
             f"parameters.rescale: merge_method '{row.id}' does not sparsify deltas, so "
@@ -192,14 +269,8 @@ def _semantic_problems(recipe: Recipe) -> list[str]:
             "parameters: give either normalize (mergekit: true = disjoint_merge 'weight', "
             "false = 'sum') or disjoint_merge for TIES methods, not both"
         )
-    if params.vocab_mismatch == "pad_to_union":
-        problems.append(
-            "parameters.vocab_mismatch: 'pad_to_union' (pad every model's embedding rows "
-            "to the union vocabulary with the mean of its rows) is not supported yet; use "
-            "'exclude_embeddings' (keep the base's embedding and lm_head rows) or resize "
-            "the embeddings of every model to one vocabulary first"
-        )
-    elif params.vocab_mismatch == "exclude_embeddings" and not row.needs_base:
+    problems += _tokenizer_problems(recipe)
+    if params.vocab_mismatch == "exclude_embeddings" and not row.needs_base:
         problems.append(
             f"parameters.vocab_mismatch: 'exclude_embeddings' keeps the base model's "
             f"embeddings, but merge_method '{row.id}' has no base; use a method with "
@@ -221,9 +292,50 @@ def _semantic_problems(recipe: Recipe) -> list[str]:
                 "the combined weight"
             )
         seen.add(m.model)
-    weights = [_weight(m.parameters, params) for m in _fine_tunes(recipe)]
-    if weights and all(w == 0 for w in weights):
+    settings = [_first_set(m.parameters.weight, params.weight) for m in _fine_tunes(recipe)]
+    if settings and all(is_scalar(w) and w == 0 for w in settings):
         problems.append("models: every weight is 0, so the merge would ignore all models")
+    return problems
+
+
+def _tokenizer_problems(recipe: Recipe) -> list[str]:
+    """The tokenizer keys: one spelling at a time, sources that name models of the
+    recipe, a known chat template, no second vocabulary policy."""
+    problems: list[str] = []
+    refs = [r for r in [recipe.base_model, *(m.model for m in recipe.models)] if r]
+    config = recipe.tokenizer
+    if config is not None and recipe.tokenizer_source is not None:
+        problems.append(
+            "tokenizer and tokenizer_source: give one of them (tokenizer_source: X is the "
+            "legacy spelling of tokenizer: {source: X}), not both")
+    for key, source in (("tokenizer_source", recipe.tokenizer_source),
+                        ("tokenizer.source", config.source if config else None)):
+        if source is not None and source not in ("base", "union", *refs):
+            problems.append(f"{key}: " + unknown_choice(
+                "tokenizer source", source, ["base", "union", *dict.fromkeys(refs)]))
+    for tok, setting in ((config.tokens or {}) if config else {}).items():
+        where, source = f"tokenizer.tokens[{tok!r}].source", setting.source
+        model = source if isinstance(source, str) else getattr(source, "model", None)
+        if model is not None and model not in refs:
+            problems.append(f"{where}: " + unknown_choice(
+                "model", model, dict.fromkeys(refs)) + " (a model of this recipe)")
+        if isinstance(source, ModelTokenEmbedding) and (
+                (source.token is None) == (source.token_id is None)):
+            problems.append(f"{where}: kind model_token needs exactly one of token (a "
+                            "token string) or token_id (an id in that model's vocabulary)")
+    template = recipe.chat_template
+    if template is not None and template not in CHAT_TEMPLATE_NAMES and "{" not in template:
+        problems.append("chat_template: " + unknown_choice(
+            "chat template", template, CHAT_TEMPLATE_NAMES)
+            + ", or a literal Jinja template (text with '{{ ... }}' or '{% ... %}')")
+    policy = recipe.parameters.vocab_mismatch
+    if policy in ("pad_to_union", "exclude_embeddings") and (
+            config is not None or recipe.tokenizer_source is not None):
+        problems.append(
+            f"parameters.vocab_mismatch: '{policy}' and the tokenizer keys are two "
+            "vocabulary policies; keep one (tokenizer/tokenizer_source re-index the rows "
+            "by token, as mergekit does; pad_to_union pads rows with their mean, as the "
+            "DARE authors do)")
     return problems
 
 
@@ -235,21 +347,24 @@ def _fine_tunes(recipe: Recipe) -> list[ModelEntry]:
     return [m for m in recipe.models if m.model != recipe.base_model]
 
 
-def _rate(own: ModelParameters, default: MergeParameters) -> float | None:
+def _first_set(*settings: Any) -> Any:
+    return next((s for s in settings if s is not None), None)
+
+
+def _rate(own: ModelParameters, default: MergeParameters, tensor: str,
+          t: float) -> tuple[float, float | None] | None:
+    """(p, density as given or None) of the first level whose setting matches."""
     for p in (own, default):
-        if p.drop_rate is not None:
-            return p.drop_rate
-        if p.density is not None:
+        # interpolating values in [0, 1] may round a hair outside (1.0000000000000002)
+        rate = evaluate_setting(p.drop_rate, tensor, t)
+        if rate is not None:
+            return min(max(rate, 0.0), 1.0), None
+        density = evaluate_setting(p.density, tensor, t)
+        if density is not None:
+            density = min(max(density, 0.0), 1.0)
             # round away float noise: density 0.7 is p = 0.3, not 0.30000000000000004
-            return round(1.0 - p.density, 12)
+            return round(1.0 - density, 12), density
     return None
-
-
-def _weight(own: ModelParameters, default: MergeParameters) -> float:
-    for w in (own.weight, default.weight):
-        if w is not None:
-            return w
-    return 1.0
 
 
 def fine_tunes(recipe: Recipe) -> list[ModelEntry]:
@@ -281,20 +396,51 @@ def mask_ids(recipe: Recipe) -> dict[str, str]:
     return short
 
 
-def drop_rate_of(recipe: Recipe, entry: ModelEntry) -> float:
-    """Effective sparsification rate p of one model (0 when the method does not sparsify,
-    1 - density for TIES trimming)."""
-    row = METHODS[recipe.merge_method]
-    rate = _rate(entry.parameters, recipe.parameters)
-    if row.sparsification == "none":
-        return 0.0
-    # TIES without an explicit density keeps everything, as mergekit does.
-    return 0.0 if rate is None else rate
+def rate_of(recipe: Recipe, entry: ModelEntry, tensor: str = "",
+            t: float = 0.0) -> tuple[float, float | None]:
+    """Sparsification of one model for one tensor: ``(p, density)``.
+
+    p is the drop rate (0 when the method does not sparsify); density is mergekit's
+    density when the matching setting was a ``density`` (it sets magnitude pruning's
+    keep count, ``methods.ModelParams``), else None. Precedence: the model's own
+    setting, then the top-level one, then mergekit's default density 1 (nothing
+    dropped or trimmed), for every sparsifying method.
+
+    Args:
+        recipe: The recipe.
+        entry: One of ``fine_tunes(recipe)``.
+        tensor: The tensor name (for filters; "" matches only unfiltered entries).
+        t: The tensor's layer position (see :func:`evaluate_setting`).
+    """
+    if METHODS[recipe.merge_method].sparsification == "none":
+        return 0.0, None
+    rate = _rate(entry.parameters, recipe.parameters, tensor, t)
+    return (0.0, None) if rate is None else rate
 
 
-def weight_of(recipe: Recipe, entry: ModelEntry) -> float:
-    """Effective weight of one model (default 1.0)."""
-    return _weight(entry.parameters, recipe.parameters)
+def drop_rate_of(recipe: Recipe, entry: ModelEntry, tensor: str = "", t: float = 0.0) -> float:
+    """Effective sparsification rate p of one model for one tensor (see :func:`rate_of`)."""
+    return rate_of(recipe, entry, tensor, t)[0]
+
+
+def weight_of(recipe: Recipe, entry: ModelEntry, tensor: str = "", t: float = 0.0) -> float:
+    """Effective weight of one model for one tensor: its own setting, then the
+    top-level one, then 1.0.
+
+    mergekit refuses a non-base model without a weight; dareflow's default of 1.0
+    only adds recipes mergekit refuses, so it never changes one mergekit runs.
+    """
+    for setting in (entry.parameters.weight, recipe.parameters.weight):
+        value = evaluate_setting(setting, tensor, t)
+        if value is not None:
+            return value
+    return 1.0
+
+
+def is_per_tensor(recipe: Recipe) -> bool:
+    """Whether some per-model setting is a gradient or filtered (differs per tensor)."""
+    levels = [recipe.parameters] + [m.parameters for m in fine_tunes(recipe)]
+    return not all(is_scalar(getattr(p, key)) for p in levels for key in PER_MODEL_KEYS)
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
@@ -305,14 +451,59 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     """
     if not isinstance(data, dict):
         raise ProblemsError(source, [f"expected a mapping of keys, got {type(data).__name__}"])
+    data, problems = _misplaced_options(data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise ProblemsError(source, validation_problems(e)) from None
-    problems = _semantic_problems(recipe)
+        raise ProblemsError(source, problems + validation_problems(e)) from None
+    problems += _semantic_problems(recipe)
     if problems:
         raise ProblemsError(source, problems)
     return recipe
+
+
+def _method_wide_keys() -> set[str]:
+    """The method-wide parameter names (field names and mergekit aliases)."""
+    keys = set()
+    for name, info in MergeParameters.model_fields.items():
+        if name not in PER_MODEL_KEYS:
+            keys |= {name, info.alias or name}
+    return keys
+
+
+def _misplaced_options(data: dict) -> tuple[dict, list[str]]:
+    """Method-wide options given per model or as a list, reported and left out (so
+    the rest is still validated): mergekit silently ignores a per-model ``normalize``
+    or ``lambda``, and reads a list there as a gradient it never evaluates."""
+    problems: list[str] = []
+    wide = _method_wide_keys()
+    models = data.get("models")
+    if isinstance(models, list):
+        cleaned = []
+        for i, entry in enumerate(models):
+            params = entry.get("parameters") if isinstance(entry, dict) else None
+            bad = sorted(k for k in params if k in wide) if isinstance(params, dict) else []
+            for key in bad:
+                problems.append(
+                    f"models[{i}].parameters.{key}: '{key}' is a method-wide option, not a "
+                    "per-model one (mergekit would silently ignore it here); move it to "
+                    "the top-level parameters:")
+            if bad:
+                entry = {**entry, "parameters": {k: v for k, v in params.items()
+                                                 if k not in bad}}
+            cleaned.append(entry)
+        data = {**data, "models": cleaned}
+    params = data.get("parameters")
+    if isinstance(params, dict):
+        bad = sorted(k for k, v in params.items() if k in wide and isinstance(v, (list, dict)))
+        for key in bad:
+            problems.append(
+                f"parameters.{key}: a method-wide option takes one value, not a list "
+                f"(got {params[key]!r}); gradients and filters apply to "
+                f"{', '.join(PER_MODEL_KEYS)}")
+        if bad:
+            data = {**data, "parameters": {k: v for k, v in params.items() if k not in bad}}
+    return data, problems
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -48,10 +48,6 @@ def validation_problems(error: ValidationError) -> list[str]:
             msg = "unknown key (not a dareflow or mergekit option); remove it or fix its spelling"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        elif isinstance(e.get("input"), list) and e["loc"][-1] in (
-                "weight", "density", "drop_rate"):
-            msg = ("a list (mergekit's per-layer gradient) is not supported; give one "
-                   f"number (got {e['input']!r})")
         msg = msg.removeprefix("Value error, ")
         given = e.get("input")
         if (e["type"] not in ("missing",) and not isinstance(given, (dict, list))

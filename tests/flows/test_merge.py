@@ -54,6 +54,7 @@ def test_dare_linear_uses_the_keyed_masks(pico_family, tmp_path):
         "merge_method": "dare_linear",
         "base_model": str(pico_family["base"]),
         "models": [{"model": str(pico_family["a"]), "parameters": {"drop_rate": 0.5}}],
+        "parameters": {"rescale": "inverse"},  # the paper's 1/(1 - p)
         "dtype": "float32",
         "seed": 11,
     })
@@ -109,7 +110,10 @@ def test_merged_folder_loads_in_transformers_and_generates(pico_family, tmp_path
     generated = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 4)
     card = (out / "README.md").read_text()
-    for needle in ("dare_linear", "0.3", "inverse", "seed", str(pico_family["a"])):
+    for needle in ("dare_linear", "0.3", "seed", str(pico_family["a"]),
+                   ("**Rescale:** l1 — kept deltas rescaled to the L1 norm of the full delta "
+                   "(mergekit since 2025) · *mergekit default for dare_linear*"),
+                   "**Scale λ:** 0.8 · *set in the recipe*"):
         assert needle in card, needle
 
 

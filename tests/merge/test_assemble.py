@@ -248,3 +248,37 @@ def test_write_manifest(tmp_path):
     assert text == json.dumps({"a": {"b": None, "y": [1, 2]}, "z": 1}, indent=2) + "\n"
     with pytest.raises(ValueError, match="not JSON-serialisable"):
         assemble.write_manifest(str(tmp_path), {"t": torch.ones(1)})
+
+
+def test_model_card_says_whose_convention_each_option_follows():
+    from dareflow.merge.plan import resolved_recipe
+    from dareflow.recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "merge_method": "dare_ties", "base_model": "org/base",
+        "models": [{"model": "org/base"},
+                   {"model": "org/a", "parameters": {"weight": [0, 0.5, 1], "density": 0.5}},
+                   {"model": "org/b", "parameters": {"density": [
+                       {"filter": "mlp", "value": 0.3}, {"value": 0.7}]}}],
+        "parameters": {"lambda": 0.9}})
+    text = assemble.render_model_card(recipe=resolved_recipe(recipe, "bfloat16"), sources=[],
+                                      shards={}, versions={})
+    section = text.split("## Recipe\n\n")[1].split("\n## ")[0]
+    assert section.splitlines()[2:9] == [
+        "- **Scale λ:** 0.9 · *set in the recipe*",
+        ("- **Rescale:** l1 — kept deltas rescaled to the L1 norm of the full delta (mergekit "
+        "since 2025) · *mergekit default for dare_ties*"),
+        ("- **Sign election:** weighted_sum — sign of Σ w·δ (mergekit) · *mergekit default "
+        "for dare_ties*"),
+        ("- **Disjoint merge:** sum — Σ agreeing w·δ (mergekit normalize: false) · *mergekit "
+        "default for dare_ties*"),
+        "- **Trim after DARE:** 0.0 · *mergekit default for dare_ties*",
+        "- **Seed:** 0 · *dareflow default*",
+        "- **Output dtype:** bfloat16 · *dareflow default: the base checkpoint's dtype*",
+    ]
+    assert ("| `org/a` | 0.5 | gradient [0.0, 0.5, 1.0] | weight: set in the recipe; "
+            "density: set in the recipe |") in section
+    assert ("| `org/b` | 1 − density (mlp: 0.3; *: 0.7) | 1.0 | weight: dareflow default 1.0 "
+            "(mergekit requires a weight); density: set in the recipe |") in section
+    block = yaml.safe_load(text.split("```yaml\n")[1].split("```")[0])
+    assert block["conventions"]["rescale"] == "mergekit default for dare_ties"

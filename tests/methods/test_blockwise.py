@@ -39,6 +39,13 @@ VARIANTS = [
     ("ties", {"sign_election": "count", "disjoint_merge": "sum", "scale": 1.3}),
     ("magnitude_linear", {}),
     ("magnitude_linear", {"rescale": "inverse"}),
+    # the paper's variants (the defaults before mergekit's became dareflow's)
+    ("dare_linear", {"rescale": "inverse"}),
+    ("dare_ties", {"rescale": "inverse", "sign_election": "sum", "disjoint_merge": "mean",
+                   "trim_after_dare": 0.8}),
+    ("dare_ties", {"rescale": "inverse", "sign_election": "sum", "disjoint_merge": "mean",
+                   "trim_after_dare": 0.0}),
+    ("ties", {"sign_election": "sum", "disjoint_merge": "mean"}),
 ]
 
 
@@ -151,3 +158,22 @@ def test_mask_stream_blocks_are_slices_of_the_mask(start, stop):
     full = keep_mask((n,), 0.3, key).numpy()
     stream = MaskStream(key, 0.3)
     assert np.array_equal(stream.block(start, stop), full[start:stop])
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_linear"])
+@pytest.mark.parametrize("density", [0.55, 0.3, 0.001])
+def test_blockwise_keeps_mergekit_density_count(method, density):
+    # a mergekit density keeps int(density · n) entries on both paths
+    base, fts = _family((37, 301), torch.bfloat16, True)
+    p = round(1 - density, 12)
+    models = tuple(ModelParams(f"m{k}", weight=w, drop_rate=p, density=density)
+                   for k, w in enumerate((0.5, 0.7)))
+    spec = MergeSpec(method=method, models=models, out_dtype=torch.float32)
+    reference = merge_tensor_reference(NAME, base, fts, spec)
+    assert torch.equal(_bits(merge_blockwise(NAME, base, fts, spec, block=1024)),
+                       _bits(reference))
+    # one model, deltas without zeros: exactly int(density · n) entries change
+    base, fts = _family((37, 301), torch.float32, False)
+    one = MergeSpec(method=method, models=models[:1], out_dtype=torch.float32)
+    kept = int((merge_tensor(NAME, base, fts[:1], one) != base).sum())
+    assert kept == max(1, int(density * 37 * 301))

@@ -57,9 +57,21 @@ def test_methods_table_rows():
         assert (row.default_normalize is None) == (row.consensus == "ties")
         assert (row.default_rescale is None) == (row.sparsification == "none")
         assert row.summary and row.reference and row.peer_notes
+        ties = row.consensus == "ties"
+        assert (row.default_sign_election is None) == (not ties)
+        assert (row.default_disjoint_merge is None) == (not ties)
     assert (METHODS["dare_ties"].sparsification, METHODS["dare_ties"].consensus) == ("dare", "ties")
-    assert METHODS["dare_linear"].default_rescale == "inverse"
-    assert METHODS["ties"].default_rescale == "none"
+    # mergekit 0.1.4's defaults (registry.py + generalized_task_arithmetic.py)
+    defaults = {m: (r.default_rescale, r.default_normalize, r.default_sign_election,
+                    r.default_disjoint_merge) for m, r in METHODS.items()}
+    assert defaults == {
+        "linear": (None, True, None, None),
+        "task_arithmetic": (None, False, None, None),
+        "ties": ("none", None, "weighted_sum", "weight"),  # normalize: true
+        "dare_linear": ("l1", False, None, None),
+        "dare_ties": ("l1", None, "weighted_sum", "sum"),  # normalize: false
+        "magnitude_linear": ("none", False, None, None),
+    }
 
 
 def test_get_method_unknown_name_says_did_you_mean():
@@ -126,9 +138,17 @@ def test_spec_reports_every_problem_at_once():
 
 def test_spec_resolves_method_defaults():
     dare_spec = spec("dare_linear", ("a", 1.0, 0.5))
-    assert dare_spec.resolved_rescale == "inverse"
+    assert dare_spec.resolved_rescale == "l1"
     assert dare_spec.resolved_normalize is False
-    assert spec("ties", ("a", 1.0, 0.5)).resolved_rescale == "none"
+    assert dare_spec.resolved_sign_election is None and dare_spec.resolved_disjoint_merge is None
+    ties_spec = spec("ties", ("a", 1.0, 0.5))
+    assert ties_spec.resolved_rescale == "none"
+    assert (ties_spec.resolved_sign_election, ties_spec.resolved_disjoint_merge) == (
+        "weighted_sum", "weight")
+    dare_ties = spec("dare_ties", ("a", 1.0, 0.5), sign_election="count")
+    assert (dare_ties.resolved_sign_election, dare_ties.resolved_disjoint_merge) == (
+        "count", "sum")
+    assert dare_ties.trim_after_dare == 0.0
     assert spec("linear", ("a", 1.0, 0.0)).resolved_normalize is True
     assert spec("linear", ("a", 1.0, 0.0)).resolved_rescale is None
     listed = MergeSpec(method="linear", models=[ModelParams("a")])
@@ -156,8 +176,9 @@ def test_task_arithmetic_exact():
     assert torch.equal(merge_tensor(NAME, BASE, [FT_A, FT_B], s), t(1.625, 1.625, 0.875, 1.0))
 
 
-def test_ties_exact_paper_defaults():
-    s = spec("ties", ("a", 1.0, 0.5), ("b", 3.0, 0.5))
+def test_ties_exact_paper_variant():
+    s = spec("ties", ("a", 1.0, 0.5), ("b", 3.0, 0.5), sign_election="sum",
+             disjoint_merge="mean")
     # trim (k = 2): a → (0.5, -0.25, 0, 0), b → (0.25, 0.5, 0, 0)
     # elect (unweighted sum): (+, +, +, +); mean of agreeing w·δ:
     #   (0.5 + 0.75)/2 = 0.625, 1.5/1 = 1.5, 0, 0
@@ -174,6 +195,9 @@ def test_ties_exact_mergekit_variant():
     )
     # Σ_agree w·δ / Σ_agree w: 1.25/4 = 0.3125, 1.5/3 = 0.5
     assert torch.equal(merge_tensor(NAME, BASE, [FT_A, FT_B], s), t(1.3125, 1.5, 1.0, 1.0))
+    # ... which is what ties computes when no option is given (mergekit's defaults)
+    default = spec("ties", ("a", 1.0, 0.5), ("b", 3.0, 0.5))
+    assert torch.equal(merge_tensor(NAME, BASE, [FT_A, FT_B], default), t(1.3125, 1.5, 1.0, 1.0))
 
 
 def test_magnitude_linear_exact():
@@ -188,7 +212,8 @@ def test_dare_linear_p0_is_task_arithmetic():
 
 
 def test_dare_ties_p0_is_ties_without_trim():
-    s = spec("dare_ties", ("a", 1.0, 0.0), ("b", 3.0, 0.0))
+    s = spec("dare_ties", ("a", 1.0, 0.0), ("b", 3.0, 0.0), sign_election="sum",
+             disjoint_merge="mean")
     # elect on raw deltas: sums (0.75, 0.25, 0 → +, 0); agreeing means:
     #   0.625, 1.5, a's 0.125 alone (b's -0.375 disagrees), 0
     assert torch.equal(merge_tensor(NAME, BASE, [FT_A, FT_B], s), t(1.625, 2.5, 1.125, 1.0))
@@ -205,7 +230,7 @@ def _dare_fixture(n: int = 4096):
 
 def test_dare_linear_exact_with_known_masks():
     base, ft_a, ft_b, mask_a, mask_b = _dare_fixture()
-    s = spec("dare_linear", ("a", 1.0, 0.5), ("b", 3.0, 0.5), seed=7)
+    s = spec("dare_linear", ("a", 1.0, 0.5), ("b", 3.0, 0.5), seed=7, rescale="inverse")
     # δ̂ = δ / (1 − 0.5) where kept: a → 0.5, b → -1.0
     expected = 1.0 + torch.where(mask_a, 0.5, 0.0) + 3.0 * torch.where(mask_b, -1.0, 0.0)
     assert torch.equal(merge_tensor(NAME, base, [ft_a, ft_b], s), expected)
@@ -213,7 +238,8 @@ def test_dare_linear_exact_with_known_masks():
 
 def test_dare_ties_exact_with_known_masks():
     base, ft_a, ft_b, mask_a, mask_b = _dare_fixture()
-    s = spec("dare_ties", ("a", 1.0, 0.5), ("b", 1.0, 0.5), seed=7)
+    s = spec("dare_ties", ("a", 1.0, 0.5), ("b", 1.0, 0.5), seed=7, rescale="inverse",
+             sign_election="sum", disjoint_merge="mean")
     # δ̂a ∈ {0, 0.5}, δ̂b ∈ {0, -1}: wherever b is kept the sum is negative and only
     # b agrees (-1); where only a is kept, +0.5; nothing kept → 0.
     expected = 1.0 + torch.where(mask_b, -1.0, torch.where(mask_a, 0.5, 0.0))
@@ -223,8 +249,9 @@ def test_dare_ties_exact_with_known_masks():
 def test_dare_ties_trim_after_dare_is_a_ties_trim():
     base = torch.ones(1000)
     fts = [base + 0.01 * local_randn(1000, seed=s) for s in (1, 2)]
-    via_dare = spec("dare_ties", ("a", 1.0, 0.0), ("b", 1.0, 0.0), trim_after_dare=0.5)
-    via_ties = spec("ties", ("a", 1.0, 0.5), ("b", 1.0, 0.5))
+    paper = {"sign_election": "sum", "disjoint_merge": "mean"}
+    via_dare = spec("dare_ties", ("a", 1.0, 0.0), ("b", 1.0, 0.0), trim_after_dare=0.5, **paper)
+    via_ties = spec("ties", ("a", 1.0, 0.5), ("b", 1.0, 0.5), **paper)
     assert torch.equal(
         merge_tensor(NAME, base, fts, via_dare), merge_tensor(NAME, base, fts, via_ties)
     )
@@ -233,7 +260,8 @@ def test_dare_ties_trim_after_dare_is_a_ties_trim():
 def test_dare_ties_mergelm_recipe_keeps_the_trimmed_fraction():
     base = torch.zeros(10_000)
     ft = local_randn(10_000, seed=3)
-    s = spec("dare_ties", ("a", 1.0, 0.5), trim_after_dare=MERGELM_TIES_TRIM)
+    s = spec("dare_ties", ("a", 1.0, 0.5), trim_after_dare=MERGELM_TIES_TRIM,
+             rescale="inverse", sign_election="sum", disjoint_merge="mean")
     out = merge_tensor(NAME, base, [ft], s)
     kept_after_dare = int(keep_mask((10_000,), 0.5, derive_key(0, "a", NAME)).sum())
     assert int((out != 0).sum()) == magnitude_keep_count(10_000, MERGELM_TIES_TRIM)
@@ -292,6 +320,7 @@ def test_bf16_merge_is_float32_math_cast_once():
         ("b", 0.25, 0.9),
         ("c", 0.25, 0.9),
         scale=0.75,
+        rescale="inverse",
         out_dtype=torch.bfloat16,
     )
     out = merge_tensor(NAME, base, fts, s)

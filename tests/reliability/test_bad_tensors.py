@@ -78,14 +78,15 @@ def test_non_float_tensor_in_a_finetune_is_refused(pico_family, tmp_path):
            "re-save the model with floating weights" in msg
 
 
-def test_non_float_buffer_in_the_base_is_refused(pico_family, tmp_path):
+def test_non_float_buffers_that_differ_from_the_base_are_refused(pico_family, tmp_path):
+    # buffers are copied from the base (tests/merge/test_buffers.py); other values are named
     pos = "model.position_ids"
     base = variant(pico_family["base"], tmp_path / "int-base",
                    tensors=lambda ts: {**ts, pos: torch.arange(8)})
     ft = variant(pico_family["a"], tmp_path / "int-ft",
-                 tensors=lambda ts: {**ts, pos: torch.arange(8)})
+                 tensors=lambda ts: {**ts, pos: torch.arange(8) + 1})
     msg = refused(ta(base, ft), tmp_path)
-    assert f"base '{base}': non-floating tensors cannot be merged: '{pos}' (I64)" in msg
+    assert f"  - tensor '{pos}' (I64 [8]) of the base differs in model(s) '{ft}' ({ft})" in msg
 
 
 def test_bf16_base_and_f32_finetune_merge_in_float32(pico_family, tmp_path):

@@ -93,12 +93,20 @@ def test_vocabulary_size_difference_is_refused_by_default(pico_family, vocab65, 
     assert "model.resize_token_embeddings(64)" in msg
 
 
-def test_pad_to_union_is_named_as_not_supported_yet(pico_family, vocab65, tmp_path):
-    recipe = ta(pico_family["base"], vocab65, parameters={"vocab_mismatch": "pad_to_union"})
-    msg = refused(recipe, tmp_path)
-    assert "parameters.vocab_mismatch: 'pad_to_union' (pad every model's embedding rows to " \
-           "the union vocabulary with the mean of its rows) is not supported yet; use " \
-           "'exclude_embeddings'" in msg
+def test_pad_to_union_pads_the_smaller_models_with_their_mean_row(
+        pico_family, vocab65, tmp_path):
+    # more cases: tests/merge/test_vocab_merge.py
+    from dareflow.merge.vocab import mean_rows
+
+    recipe = write_recipe(tmp_path / "r.yaml", ta(
+        pico_family["base"], vocab65, parameters={"vocab_mismatch": "pad_to_union"}))
+    run_merge(str(recipe), str(tmp_path / "out"), max_workers=1)
+    base, v = load_file(pico_family["base"] / WEIGHTS), load_file(vocab65 / WEIGHTS)
+    merged = _merged(tmp_path / "out")
+    for name in (EMBED, HEAD):
+        padded = torch.cat([base[name], mean_rows(base[name])[None]])
+        assert torch.equal(merged[name], padded + (v[name] - padded)), name
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 65
 
 
 def test_unknown_vocab_policy_lists_the_choices(pico_family, vocab65, tmp_path):

@@ -42,17 +42,29 @@ def test_unknown_method_says_did_you_mean():
     assert "task_arithmetic" in problems[0] and len(problems) == 1
 
 
-def test_negative_weight():
-    assert _problems(_dare(drop_rate=0.5, weight=-1.0)) == [
-        "models[0].parameters.weight: must be >= 0, got -1.0"]
+def test_non_finite_weight():
+    # negative weights are accepted (mergekit's task-vector subtraction); NaN is not
+    assert _problems(_dare(drop_rate=0.5, weight=float("nan"))) == [
+        "models.0.parameters.weight: Input should be a finite number (got nan)"]
 
 
-def test_weight_list_is_refused_with_the_reason():
-    # mergekit accepts a list (a per-layer gradient); dareflow takes one number per model
-    problems = _problems(_dare(drop_rate=0.5, weight=[0.2, 0.8]))
+def test_bare_filter_entry_is_refused_with_the_fix():
+    # mergekit accepts a list of {filter, value} entries but fails on a bare one
+    problems = _problems(_dare(drop_rate=0.5, weight={"filter": "mlp", "value": 0.8}))
     assert problems == [
-        ("models.0.parameters.weight: a list (mergekit's per-layer gradient) is not "
-        "supported; give one number (got [0.2, 0.8])")]
+        ("models.0.parameters.weight: a {filter, value} entry must be inside a list "
+         "(mergekit cannot read a bare one): write it as `- filter: ...` / `  value: ...` "
+         "(got {'filter': 'mlp', 'value': 0.8})")]
+
+
+def test_per_model_method_option_is_refused_with_the_other_problems():
+    data = _dare(drop_rate=2.0, normalize=True)
+    assert _problems(data) == [
+        ("models[0].parameters.normalize: 'normalize' is a method-wide option, not a "
+         "per-model one (mergekit would silently ignore it here); move it to the "
+         "top-level parameters:"),
+        "models.0.parameters.drop_rate: Input should be less than or equal to 1 (got 2.0)",
+    ]
 
 
 def test_all_zero_weights():

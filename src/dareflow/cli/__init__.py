@@ -9,10 +9,20 @@ import gc
 import sys
 from collections.abc import Sequence
 
-from dareflow.cli import demo, evaluate, experiments, inspect_deltas, ls, merge, mirror, validate
+from dareflow.cli import (
+    demo,
+    evaluate,
+    experiments,
+    inspect_deltas,
+    ls,
+    merge,
+    mirror,
+    plan,
+    validate,
+)
 
 #: Subcommand modules in the order ``dareflow --help`` lists them.
-COMMANDS = (merge, validate, evaluate, mirror, ls, demo, inspect_deltas, experiments)
+COMMANDS = (merge, plan, validate, evaluate, mirror, ls, demo, inspect_deltas, experiments)
 #: What a user's mistake raises: printed as one ``error:`` line, exit code 2.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, PermissionError)
 

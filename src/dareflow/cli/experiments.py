@@ -19,9 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # heavy: pandas (~0.4 s), the flow imports torch and Prefect (~2.4 s); only for this subcommand
     import pandas as pd
 
-    from dareflow.flows.experiments import run_experiment  # heavy (torch, Prefect)
+    from dareflow.flows.experiments import run_experiment
 
     result = run_experiment(args.command, args.config, store=args.store)
     with pd.option_context("display.max_rows", 200, "display.width", 200):

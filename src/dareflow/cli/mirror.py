@@ -2,6 +2,8 @@
 
 import argparse
 
+from dareflow.settings import default_store
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mirror", help="the offline evaluation data mirror")
@@ -14,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dareflow.evaluation.mirror_store import ensure_mirror  # heavy (pandas, datasets)
-    from dareflow.settings import default_store
+    # heavy: the evaluation package imports pandas (~0.4 s), only for this subcommand
+    from dareflow.evaluation.mirror_store import ensure_mirror
 
     info = ensure_mirror(args.store or default_store(), args.tasks)
     state = "prepared" if info["prepared"] else "already there (verified)"

@@ -79,15 +79,18 @@ def check(path: Path) -> str:
     """
     kind = kind_of(read_yaml(path, "config"), str(path))
     if kind == "recipe":
-        from dareflow.recipe import fine_tunes, load_recipe  # each loader only when needed
+        # heavy: the recipe imports torch (~1.7 s), only for a recipe
+        from dareflow.recipe import fine_tunes, load_recipe
 
         recipe = load_recipe(path)
         return f"recipe: {recipe.merge_method}, {len(fine_tunes(recipe))} fine-tuned model(s)"
     if kind == "suite":
+        # heavy: the evaluation package imports pandas (~0.5 s), only for a suite
         from dareflow.evaluation.suite import load_suite
 
         suite = load_suite(path)
         return f"suite: {suite.name}, {len(suite.tasks)} task(s)"
+    # heavy: sweeps import torch and the merge (~1.6 s), only for a sweep, grid or similarity
     from dareflow.experiments import sweeps
 
     model = {"sweep": sweeps.SweepConfig, "grid": sweeps.GridConfig,

@@ -167,7 +167,9 @@ def get_skill(skill: str | Skill) -> Skill:
 
 
 def _load(model_dir_or_model, tokenizer):
+    # heavy: transformers (~1 s), only when a model is loaded or scored
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if isinstance(model_dir_or_model, (str, Path)):
         path = Path(model_dir_or_model)
@@ -176,8 +178,6 @@ def _load(model_dir_or_model, tokenizer):
                 f"{path} is not a Hugging Face model folder (no config.json); pass the "
                 "folder that build_demo_family returned, or a loaded model and tokenizer."
             )
-        from transformers.utils import logging as hf_logging
-
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per call is noise
         try:

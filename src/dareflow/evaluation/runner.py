@@ -22,6 +22,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import huggingface_hub.constants as hub_constants
+import yaml
+
 from dareflow.errors import did_you_mean, unknown_choice
 from dareflow.evaluation.mirror import (
     MIRROR_TASKS,
@@ -129,8 +132,7 @@ def hf_offline(hf_home: Path) -> Iterator[None]:
     ``datasets`` and ``huggingface_hub`` read these variables once at import, so their module
     flags are set as well as the environment.
     """
-    import datasets
-    import huggingface_hub.constants as hub_constants
+    import datasets  # optional (eval extra), heavy (~0.3 s): only inside an offline run
 
     env = {
         "HF_HUB_OFFLINE": "1",
@@ -247,7 +249,8 @@ def run_task(
             "GPU): `pip install vllm` on a GPU machine, or use backend='hf'"
         )
 
-    import lm_eval  # heavy: imported only when a run is asked for
+    # optional (eval extra), heavy: lm_eval.tasks (~0.5 s), only when a run is asked for
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     started = time.perf_counter()
@@ -314,8 +317,6 @@ def run_task(
 
 
 def _write_yaml(path: Path, cfg: dict) -> None:
-    import yaml
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dareflow.delta_stats import save_figure
 from dareflow.demo.skills import get_skill, split_items
 
 _IMPORT_LOCK = threading.Lock()
@@ -81,7 +82,9 @@ def layer_cosine(reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor
 
 def load(model_uri: str):
     """A local HF folder as (model, tokenizer) in float32, padding on the right."""
-    with _IMPORT_LOCK:  # transformers' lazy imports are not thread-safe (mapped tasks)
+    # heavy: transformers (~1 s), only when loading a model; under a lock because its lazy
+    # imports are not thread-safe (mapped tasks)
+    with _IMPORT_LOCK:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_uri, dtype=torch.float32)
@@ -116,12 +119,11 @@ def similarity_rows(reference_uri: str, variants: dict[str, str], prompts: Seque
 
 def plot_similarity(table, uri: str, *, title: str) -> str:
     """Cosine similarity vs layer, one line per variant (Figures 6-7). PNG at ``uri``."""
+    # heavy: matplotlib (~0.5 s), only when plotting
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dareflow.delta_stats import save_figure
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot picks its backend on import
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, rows in table.groupby("variant", sort=False):

@@ -19,16 +19,22 @@ half the VALIDATION split; the grid selects on validation and reports test.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from dareflow.demo.skills import SPLIT_SIZE, split_items
+from dareflow.delta_stats import save_figure
+from dareflow.demo import family, train, vocab
+from dareflow.demo.family import build_demo_family
+from dareflow.demo.skills import SKILLS, SPLIT_SIZE, generate_answers, get_skill, split_items
 from dareflow.errors import ProblemsError
+from dareflow.experiments.representation import load
 from dareflow.io import storage
 from dareflow.merge.output import assemble_model, clear_staging, publish, staging_uri
 from dareflow.merge.plan import plan_merge
@@ -71,8 +77,6 @@ class SkillsEval(StrictModel):
     @field_validator("skills")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        from dareflow.demo.skills import SKILLS
-
         bad = [s for s in value if s not in SKILLS]
         if bad:
             raise ValueError(f"unknown skill(s) {bad}; known: {sorted(SKILLS)}")
@@ -188,8 +192,6 @@ def resolve_models(demo: DemoFamilySpec | None, names: Sequence[str],
     ``demo_family`` is given (building it once), else the names are URIs/folders."""
     if demo is None:
         return {n: n for n in names}
-    from dareflow.demo.family import build_demo_family
-
     members = {k: str(v) for k, v in build_demo_family(
         demo.dir, seed=demo.seed, size=demo.size, progress=progress).items()}
     if demo.wrong_base:
@@ -215,11 +217,8 @@ def make_wrong_base(base_dir: str | Path, out_dir: str | Path, *, size: str = "d
     steps) into ``out_dir``: the analogue of CodeLlama-Python to Llama-2. A demo
     fine-tune measured against it has continued-pre-training-sized deltas. Reused when
     ``out_dir/wrong-base.json`` matches."""
-
-    import torch
+    # heavy: transformers (~1 s), only when the wrong base is built
     from transformers import AutoModelForCausalLM
-
-    from dareflow.demo import family, train, vocab
 
     out = Path(out_dir)
     stamp = {"version": WRONG_BASE_VERSION, "steps": steps, "lr": lr, "seed": seed,
@@ -261,14 +260,24 @@ def sweep_recipe(method: str, drop_rate: float, base_uri: str, finetuned_uri: st
 
 
 def grid_recipes(cfg: GridConfig, base_uri: str, model_uris: dict[str, str]) -> list[dict[str, Any]]:
-    """One recipe per grid point, with its coordinates under ``"point"``."""
+    """One recipe per grid point, with its coordinates under ``"point"``.
+
+    The grid searches the paper's variants, written out (recipe defaults are mergekit's):
+    DARE rescales by 1/(1 - p); TIES elects the sign by the plain sum and averages the
+    agreeing deltas (disjoint mean).
+    """
+    paper: dict[str, Any] = {}
+    if cfg.merge_method.startswith("dare"):
+        paper["rescale"] = "inverse"
+    if cfg.merge_method in ("ties", "dare_ties"):
+        paper.update(sign_election="sum", disjoint_merge="mean")
     rates = {m: cfg.grid.drop_rate.get(m, cfg.grid.drop_rate.get("*", [None]))
              for m in cfg.models}
     trims = cfg.grid.trim or [None]
     points = []
     for scale, trim, *per_model in itertools.product(cfg.grid.scale, trims,
                                                      *(rates[m] for m in cfg.models)):
-        params: dict[str, Any] = {"lambda": scale}
+        params: dict[str, Any] = {"lambda": scale, **paper}
         models = []
         for m, p in zip(cfg.models, per_model):
             mp: dict[str, Any] = {"weight": 1.0}
@@ -328,9 +337,6 @@ def merge_point(recipe: dict[str, Any], store_uri: str) -> dict[str, Any]:
 
 def score_skills(model_uri: str, spec: SkillsEval, split: Literal["validation", "test"]) -> dict[str, float]:
     """Exact-match accuracy per skill on a split (greedy, ``dareflow.demo.skills``)."""
-    from dareflow.demo.skills import generate_answers, get_skill
-    from dareflow.experiments.representation import load
-
     model, tokenizer = load(model_uri)
     scores = {}
     for name in spec.skills:
@@ -371,7 +377,7 @@ def evaluate_point(merged: dict[str, Any], spec: SkillsEval, store_uri: str,
 def sweep_table(points: Sequence[dict[str, Any]], merged: Sequence[dict[str, Any]],
                 evaluated: Sequence[dict[str, Any]]):
     """The sweep results as a DataFrame: method, drop_rate, one column per skill, mean."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas (~0.3 s), only when a table is made
 
     rows = []
     for point, m, e in zip(points, merged, evaluated):
@@ -385,12 +391,11 @@ def sweep_table(points: Sequence[dict[str, Any]], merged: Sequence[dict[str, Any
 def plot_sweep(table, uri: str, *, title: str) -> str:
     """Score vs drop rate, one line per method, one panel per score column (like the
     paper's Figures 3, 8 and 9). Saved as PNG at ``uri``."""
+    # heavy: matplotlib (~0.5 s), only when plotting
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dareflow.delta_stats import save_figure
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot picks its backend on import
 
     skip = {"method", "drop_rate", "model_key", "merge_cached", "eval_cached"}
     metrics = [c for c in table.columns if c not in skip]
@@ -415,8 +420,6 @@ def plot_sweep(table, uri: str, *, title: str) -> str:
 
 def write_table(table, uri_stem: str) -> dict[str, str]:
     """Write a DataFrame as CSV and parquet next to each other in the store."""
-    import io
-
     csv_uri, parquet_uri = uri_stem + ".csv", uri_stem + ".parquet"
     storage.write_bytes_atomic(csv_uri, table.to_csv(index=False).encode())
     buffer = io.BytesIO()
@@ -454,12 +457,11 @@ def grid_rows(points: Sequence[dict[str, Any]], merged: Sequence[dict[str, Any]]
 
 def plot_grid(table, uri: str, *, title: str) -> str:
     """Validation vs test mean score of every grid point; the selected one circled."""
+    # heavy: matplotlib (~0.5 s), only when plotting
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dareflow.delta_stats import save_figure
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot picks its backend on import
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(table["validation_mean"], table["test_mean"], label="grid points")

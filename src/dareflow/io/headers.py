@@ -41,9 +41,29 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
         "F64": torch.float64,
         "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
         "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
     }.items()
     if dtype is not None
 }
+
+#: safetensors codes of quantized floats (FP8, FP6, FP4): codes that mean something only
+#: with their scale tensors. Headers with them are read (so that every problem can be
+#: reported together) but ``dareflow.io.homology.check_family`` refuses to merge them.
+QUANTIZED_DTYPES = frozenset(
+    {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F6_E2M3", "F6_E3M2", "F4"}
+)
+
+#: What to do with a quantized checkpoint (FP8 dtypes, GPTQ/AWQ/bitsandbytes tensors).
+DEQUANTIZE_HINT = (
+    "dareflow merges full-precision weights only (dropping and rescaling quantized codes "
+    "or their scales is not DARE). Merge the bf16/fp16 checkpoints the quantized ones were "
+    "made from, or dequantize each model to bf16/fp16 first, e.g. with transformers: "
+    "model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16); "
+    "model.dequantize() (where its quantization method supports it); "
+    "model.save_pretrained(out), and merge those folders"
+)
 
 # The safetensors library refuses larger headers; a larger length means a corrupt file.
 MAX_HEADER_BYTES = 100_000_000
@@ -169,6 +189,11 @@ def parse_header(
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get(
             "data_offsets"
         )
+        if dtype in QUANTIZED_DTYPES and dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"safetensors file {uri!r}: {where} has dtype {dtype!r}, a quantized "
+                f"float format; {DEQUANTIZE_HINT}"
+            )
         if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(
                 f"safetensors file {uri!r}: {where} has dtype {dtype!r}, which dareflow "

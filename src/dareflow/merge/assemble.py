@@ -1,7 +1,8 @@
 """Assemble the merged model: a Hugging Face folder that ``from_pretrained`` loads.
 
 Shards (one per unit), ``model.safetensors.index.json``, ``config.json`` with the output
-dtype, the base's tokenizer files, a model card (README.md) and ``manifest.json``.
+dtype, the base's tokenizer and sentence-transformers files, a model card (README.md) and
+``manifest.json``.
 Every file is written atomically through ``dareflow.io.storage``, so a killed run never
 leaves a partial file under its final name.
 
@@ -13,7 +14,6 @@ order changes between calls, so the header is re-written here with sorted metada
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import re
@@ -28,11 +28,14 @@ from safetensors.torch import save as safetensors_save
 from dareflow.errors import fault_point
 from dareflow.io import storage
 from dareflow.io.checkpoints import CONFIG_NAME, INDEX_NAME
+from dareflow.merge.tokenizer import is_tokenizer_file
+from dareflow.sources.resolve import SENTENCE_TRANSFORMERS_FILES, matches
 
 README_NAME = "README.md"
 MANIFEST_NAME = "manifest.json"
 
-#: Files copied from the base folder when present (fnmatch patterns).
+#: Files copied from the base folder when present (fnmatch patterns matched component by
+#: component, see ``dareflow.sources.resolve.matches``; regular files only).
 MODEL_FILE_PATTERNS = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -45,6 +48,7 @@ MODEL_FILE_PATTERNS = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    *SENTENCE_TRANSFORMERS_FILES,
 )
 
 #: Output dtypes and the spellings accepted for them.
@@ -205,20 +209,26 @@ def _set_dtype(config: dict[str, Any], dtype: str) -> None:
 
 
 def copy_model_files(
-    base_uri: str, out_uri: str, dtype: str, **storage_options: Any
+    base_uri: str, out_uri: str, dtype: str, *, tokenizer_uri: str | None = None,
+    vocab_size: int | None = None, **storage_options: Any
 ) -> list[str]:
-    """Write ``config.json`` with the output dtype and copy the base's tokenizer files.
+    """Write ``config.json`` with the output dtype and copy the base's tokenizer files and
+    sentence-transformers files (``modules.json``, ``1_Pooling/config.json``, ...).
 
     Args:
         base_uri: The base model folder.
         out_uri: The merged model folder.
         dtype: Output dtype (``float32``, ``bfloat16``, ``float16``). transformers 5
             loads weights in the config's dtype by default, so it must match the shards.
+        tokenizer_uri: A folder of output tokenizer files (a vocabulary policy's,
+            ``dareflow.merge.vocab_policy``): copied instead of the base's tokenizer files.
+        vocab_size: The output embedding rows, written as the config's ``vocab_size``.
         **storage_options: fsspec options for both folders.
 
     Returns:
         The names written to ``out_uri``, ``config.json`` first, then the copied files
-        (those of ``MODEL_FILE_PATTERNS`` present in the base), sorted.
+        (those of ``MODEL_FILE_PATTERNS`` present in the base, the tokenizer files from
+        ``tokenizer_uri`` when given), sorted.
 
     Raises:
         FileNotFoundError: the base folder or its ``config.json`` is missing.
@@ -239,17 +249,48 @@ def copy_model_files(
     if not isinstance(config, dict):
         raise ValueError(f"{config_uri!r} is not a JSON object; restore it")  # noqa: TRY004
     _set_dtype(config, dtype)
+    if vocab_size is not None:
+        _set_vocab_size(config, vocab_size)
     storage.write_bytes_atomic(
         storage.join(out_uri, CONFIG_NAME), _json_bytes(config), **storage_options
     )
-    copied = sorted(
-        n for n in names if any(fnmatch.fnmatchcase(n, p) for p in MODEL_FILE_PATTERNS)
-    )
+    copied = _model_files(base_uri, names, storage_options)
+    if tokenizer_uri is not None:  # the output vocabulary's tokenizer replaces the base's
+        copied = [n for n in copied if not is_tokenizer_file(n)]
     for name in copied:
         storage.copy_file(
             storage.join(base_uri, name), storage.join(out_uri, name), **storage_options
         )
-    return [CONFIG_NAME, *copied]
+    tokenizer = sorted(storage.listdir(tokenizer_uri, **storage_options)) if tokenizer_uri else []
+    for name in tokenizer:
+        storage.copy_file(storage.join(tokenizer_uri, name), storage.join(out_uri, name),
+                          **storage_options)
+    return [CONFIG_NAME, *sorted(copied + tokenizer)]
+
+
+def _set_vocab_size(config: dict[str, Any], rows: int) -> None:
+    # the key transformers reads: top level, and sub-configs that have one (text_config
+    # of a multimodal model); set at the top level when no config has it
+    nested = [v for v in config.values() if isinstance(v, dict) and "vocab_size" in v]
+    if "vocab_size" in config or not nested:
+        config["vocab_size"] = rows
+    for sub in nested:
+        sub["vocab_size"] = rows
+
+
+def _model_files(base_uri: str, names: list[str], storage_options: Mapping[str, Any]
+                 ) -> list[str]:
+    """The base's files that ``MODEL_FILE_PATTERNS`` names: top-level ones and those directly
+    inside the sub-folders a pattern names (``1_Pooling/config.json``); folders are skipped."""
+    candidates = list(names)
+    for folder in sorted({p.split("/")[0] for p in MODEL_FILE_PATTERNS if "/" in p} & set(names)):
+        if storage.isdir(storage.join(base_uri, folder), **storage_options):
+            candidates += [f"{folder}/{n}" for n in
+                           storage.listdir(storage.join(base_uri, folder), **storage_options)]
+    return sorted(
+        n for n in candidates if matches(n, MODEL_FILE_PATTERNS)
+        and storage.info(storage.join(base_uri, n), **storage_options).get("type") == "file"
+    )
 
 
 # --------------------------------------------------------------------------- card, manifest
@@ -294,43 +335,88 @@ _RESCALE = {
     "l1": "l1 — kept deltas rescaled to the L1 norm of the full delta (mergekit since 2025)",
     "none": "none — drop only, no rescale (DropOnly)",
 }
+_DISJOINT = {
+    "weight": "weight — Σ agreeing w·δ / Σ agreeing w (mergekit normalize: true)",
+    "sum": "sum — Σ agreeing w·δ (mergekit normalize: false)",
+    "mean": "mean — Σ agreeing w·δ / number agreeing (TIES paper)",
+}
+_ELECTION = {
+    "weighted_sum": "weighted_sum — sign of Σ w·δ (mergekit)",
+    "sum": "sum — sign of Σ δ (TIES paper)",
+    "count": "count — majority of the signs",
+}
+# (key in the resolved recipe's parameters, label, descriptions)
+_OPTIONS = (("lambda", "Scale λ", {}), ("normalize", "Normalize (÷ Σ w)", {}),
+            ("rescale", "Rescale", _RESCALE), ("sign_election", "Sign election", _ELECTION),
+            ("disjoint_merge", "Disjoint merge", _DISJOINT),
+            ("trim_after_dare", "Trim after DARE", {}))
+
+
+def _setting_text(value: Any) -> str:
+    """A per-model setting in words: a number, a gradient or its filters."""
+    if not isinstance(value, list):
+        return str(value)
+    if all(not isinstance(v, Mapping) for v in value):
+        return "gradient [" + ", ".join(str(v) for v in value) + "]"
+    return "; ".join(f"{v.get('filter') or '*'}: {_setting_text(v.get('value'))}"
+                     for v in value)
 
 
 def _rate(own: Mapping[str, Any], default: Mapping[str, Any]) -> Any:
     for params in (own, default):
         if params.get("drop_rate") is not None:
-            return params["drop_rate"]
-        if params.get("density") is not None:
-            return round(1.0 - float(params["density"]), 12)
+            return _setting_text(params["drop_rate"])
+        density = params.get("density")
+        if isinstance(density, (int, float)) and not isinstance(density, bool):
+            return round(1.0 - float(density), 12)
+        if density is not None:
+            return f"1 − density ({_setting_text(density)})"
     return None
 
 
 def _recipe_section(recipe: Mapping[str, Any]) -> str:
+    """The recipe in words. With the resolved recipe's ``conventions``, every option
+    says whose convention its value follows (set in the recipe, mergekit's default for
+    the method, or dareflow's)."""
     params = recipe.get("parameters") or {}
+    conventions = recipe.get("conventions") or {}
     method = recipe.get("merge_method", recipe.get("method"))
-    rescale = params.get("rescale", recipe.get("rescale"))
+
+    def noted(key: str, text: Any) -> str:
+        return f"{text} · *{conventions[key]}*" if key in conventions else str(text)
+
     lines = [
         f"- **Method:** `{method}`" if method else "- **Method:** —",
         f"- **Base model:** `{recipe['base_model']}`" if recipe.get("base_model") else None,
-        f"- **Rescale:** {_RESCALE.get(rescale, rescale)}" if rescale else None,
-        f"- **Seed:** {recipe['seed']}" if recipe.get("seed") is not None else None,
-        f"- **Output dtype:** {recipe['dtype']}" if recipe.get("dtype") else None,
     ]
-    if params.get("lambda", params.get("scale")) not in (None, 1, 1.0):
-        lines.append(f"- **Scale λ:** {params.get('lambda', params.get('scale'))}")
+    for key, label, words in _OPTIONS:
+        value = params.get(key, recipe.get(key))
+        if key == "lambda" and value is None:
+            value = params.get("scale")
+        if value is None or (key == "lambda" and value in (1, 1.0) and key not in conventions):
+            continue
+        lines.append(f"- **{label}:** {noted(key, words.get(value, value))}")
+    if recipe.get("seed") is not None:
+        lines.append(f"- **Seed:** {noted('seed', recipe['seed'])}")
+    if recipe.get("dtype"):
+        lines.append(f"- **Output dtype:** {noted('dtype', recipe['dtype'])}")
     out = "\n".join(line for line in lines if line) + "\n"
     models = [m for m in recipe.get("models") or [] if isinstance(m, Mapping)]
     if models:
         rows = []
-        for m in models:
+        for i, m in enumerate(models):
             own = m.get("parameters") or {}
             weight = own.get("weight", params.get("weight"))
-            rows.append([
-                f"`{m.get('model')}`",
-                _rate(own, params),
-                "1.0 (default)" if weight is None else weight,
-            ])
-        out += "\n" + _table(["model", "drop rate p", "weight"], rows)
+            row = [f"`{m.get('model')}`", _rate(own, params),
+                   "1.0 (default)" if weight is None else _setting_text(weight)]
+            if conventions:
+                prefix = f"models[{i}]."
+                row.append("; ".join(f"{key.removeprefix(prefix)}: {text}"
+                                     for key, text in conventions.items()
+                                     if key.startswith(prefix)))
+            rows.append(row)
+        header = ["model", "drop rate p", "weight"] + (["from"] if conventions else [])
+        out += "\n" + _table(header, rows)
     return out
 
 

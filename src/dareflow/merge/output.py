@@ -50,7 +50,10 @@ def assemble_model(plan: MergePlan, results: list[dict[str, Any]], out_uri: str)
     total = sum(r["nbytes"] for r in results)
     assemble.write_index(out_uri, weight_map, total)
     reference = plan.base_uri or next(iter(plan.model_uris.values()))
-    assemble.copy_model_files(reference, out_uri, plan.out_dtype)
+    vocab = plan.vocab or {}  # a vocabulary policy's output tokenizer and rows
+    assemble.copy_model_files(reference, out_uri, plan.out_dtype,
+                              tokenizer_uri=vocab.get("tokenizer_uri"),
+                              vocab_size=vocab.get("rows"))
     shards = {r["file"]: r["sha256"] for r in results}
     manifest = {
         "recipe": plan.recipe,
@@ -62,6 +65,8 @@ def assemble_model(plan: MergePlan, results: list[dict[str, Any]], out_uri: str)
             json.dumps(plan.recipe, sort_keys=True).encode()
         ).hexdigest(),
     }
+    if plan.vocab:  # what the vocabulary policy did: rows, appended tokens, notes
+        manifest["vocab"] = {k: plan.vocab[k] for k in ("policy", "rows", "appended", "notes")}
     assemble.write_model_card(out_uri, recipe=plan.recipe, sources=plan.sources,
                               shards=shards, versions=manifest["versions"])
     assemble.write_manifest(out_uri, manifest)

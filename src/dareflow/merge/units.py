@@ -26,7 +26,16 @@ import torch
 from dareflow.errors import fault_point
 from dareflow.io import buffers, leases, localdisk, storage
 from dareflow.io.checkpoints import Checkpoint
-from dareflow.merge.plan import MergePlan, UnitJob, apply_vocab_policy, build_spec
+from dareflow.io.headers import SAFETENSORS_DTYPES
+from dareflow.merge.plan import (
+    MergePlan,
+    UnitJob,
+    apply_vocab_policy,
+    layer_count,
+    tensor_spec,
+)
+from dareflow.merge.vocab import VocabPlan, reindex
+from dareflow.merge.vocab_policy import load_vocab_plan, unit_vocab_key
 from dareflow.methods import merge_tensor
 from dareflow.recipe import fine_tunes, parse_recipe
 
@@ -103,19 +112,33 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     if record is not None:  # another run computed it while we waited for its lease
         return {**record, "cached": True}
     recipe = parse_recipe(plan.recipe, "<plan>")
-    spec = build_spec(recipe, plan.out_dtype)
     base = Checkpoint.open(plan.base_uri) if plan.base_uri else None
     models = list(apply_vocab_policy(recipe, base, {
         m.model: Checkpoint.open(plan.model_uris[m.model]) for m in fine_tunes(recipe)
     }).values())
     reference = base if base is not None else models[0]
+    # each tensor its own spec: gradients and filters resolve per tensor name and layer
+    num_layers = layer_count(reference.tensors)
+    specs = {name: tensor_spec(recipe, plan.out_dtype, name, num_layers)
+             for name in job.tensors}
+    vocab, reindexed = _vocab_plan(plan, job)  # rows re-indexed to the output vocabulary
+    # non-floating tensors (buffers) keep their dtype: copied, never merged
+    kept = {name: reference.info(name).torch_dtype for name in job.tensors
+            if not reference.info(name).is_floating_point}
     views, buffer, size = _shard_buffer(
-        {name: reference.info(name).shape for name in job.tensors}, spec.out_dtype)
+        {name: (vocab.rows, *reference.info(name).shape[1:]) if name in reindexed
+         else reference.info(name).shape for name in job.tensors},
+        getattr(torch, plan.out_dtype), kept)
     with _one_torch_thread():
         for name in job.tensors:
+            if name in kept:  # the reference's bytes; the plan checked every model that
+                views[name].copy_(_input_tensor(reference, name))  # stores it agrees
+                continue
             base_t = _input_tensor(base, name) if base is not None else None
             finetuned = [_input_tensor(ckpt, name) for ckpt in models]
-            merge_tensor(name, base_t, finetuned, spec, out=views[name])
+            if name in reindexed:
+                base_t, finetuned = _reindex(vocab, base_t, finetuned, recipe)
+            merge_tensor(name, base_t, finetuned, specs[name], out=views[name])
             del base_t, finetuned
     shard, sidecar = unit_uris(plan.store_uri, job.key)
     sha256, nbytes = _write_shard_bytes(shard, buffer, size)
@@ -130,6 +153,10 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
 
 
 _SHARD_BUFFERS = threading.local()
+_CODES = {torch_dtype: code for code, torch_dtype in SAFETENSORS_DTYPES.items()}
+# The order in which safetensors lays out dtypes (its Rust Dtype enum, descending).
+_SAFETENSORS_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+                      "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
 _TORCH_THREADS_LOCK = threading.Lock()
 _TORCH_THREADS = {"users": 0, "saved": 1}
 
@@ -158,27 +185,28 @@ def _one_torch_thread() -> Iterator[None]:
                 torch.set_num_threads(_TORCH_THREADS["saved"])
 
 
-def _shard_buffer(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+def _shard_buffer(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                  dtypes: dict[str, torch.dtype] | None = None,
                   ) -> tuple[dict[str, torch.Tensor], memoryview, int]:
     """The unit's whole shard file laid out in memory before the math runs.
 
-    Returns a view per tensor into the buffer, the buffer and the file's size. The
-    buffer holds exactly the bytes ``assemble.write_shard`` writes for these tensors
-    and ``{"format": "pt"}`` (one dtype, so safetensors orders them by name): the
+    Tensors are ``dtype`` except those in ``dtypes`` (buffers copied in their own
+    dtype). Returns a view per tensor into the buffer, the buffer and the file's size.
+    The buffer holds exactly the bytes ``assemble.write_shard`` writes for these tensors
+    and ``{"format": "pt"}`` (safetensors orders them by dtype, then name): the
     header first, then the data the math writes straight into through the views, so
     the unit is never copied to be serialised. The buffer is page-aligned for direct
     IO (``buffers.write_buffer_atomic``) and reused by the next unit of the same
     worker thread: faulting in fresh memory for every output costs more than the math
     on the benchmark VM.
     """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    types = {name: (dtypes or {}).get(name, dtype) for name in shapes}
     entries, offsets, offset = {}, {}, 0
-    for name in sorted(shapes):
-        size = math.prod(shapes[name]) * itemsize
-        entries[name] = {"dtype": code, "shape": list(shapes[name]),
+    for name in sorted(shapes, key=lambda n: (_SAFETENSORS_ORDER.index(_CODES[types[n]]), n)):
+        size = math.prod(shapes[name]) * types[name].itemsize
+        entries[name] = {"dtype": _CODES[types[name]], "shape": list(shapes[name]),
                          "data_offsets": [offset, offset + size]}
-        offsets[name] = offset
+        offsets[name] = (offset, offset + size)
         offset += size
     header = {"__metadata__": {"format": "pt"}, **entries}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -193,8 +221,8 @@ def _shard_buffer(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
     buffer[: len(head)] = head
     data = torch.frombuffer(buffer, dtype=torch.uint8, count=offset, offset=len(head)) \
         if offset else torch.empty(0, dtype=torch.uint8)
-    views = {name: data[offsets[name]:offsets[name] + math.prod(shapes[name]) * itemsize]
-             .view(dtype).reshape(shapes[name]) for name in shapes}
+    views = {name: data[offsets[name][0]:offsets[name][1]].view(types[name]).reshape(shapes[name])
+             for name in shapes}
     return views, buffer, total
 
 
@@ -223,3 +251,20 @@ def _input_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
     data = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes,
                             offset=info.start - begin)
     return data.view(info.torch_dtype).reshape(info.shape)
+
+
+def _vocab_plan(plan: MergePlan, job: UnitJob) -> tuple[VocabPlan | None, set[str]]:
+    """The re-index plan and the unit's tensors it applies to (none without a policy)."""
+    if unit_vocab_key(plan.vocab, job.tensors) is None:
+        return None, set()
+    return load_vocab_plan(plan.vocab), set(job.tensors) & set(plan.vocab["tensors"])
+
+
+def _reindex(vocab: VocabPlan, base: torch.Tensor | None, finetuned: list[torch.Tensor],
+             recipe: Any) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Every input's rows in the output vocabulary (float32), keyed as the plan keys them:
+    ``"base"`` and the fine-tunes' model references."""
+    keys = [m.model for m in fine_tunes(recipe)]
+    tensors = ({"base": base} if base is not None else {}) | dict(zip(keys, finetuned))
+    out = reindex(vocab, tensors)
+    return out.get("base"), [out[k] for k in keys]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dareflow.methods import kernels
+from dareflow.methods.fuse import delta_divisor
 from dareflow.methods.masks import MaskStream, derive_key
 from dareflow.methods.sparsify import L1_BLOCK, L1_EPS, l1_block_sum, magnitude_keep_count
 
@@ -94,6 +95,7 @@ class _Model:
     # magnitude selection (TIES trim or MP): keep |δ| > kth, then the first
     # `ties_to_keep` entries equal to kth in flat order
     trim_rate: float = 0.0
+    trim_density: float | None = None  # mergekit's density: its keep count
     trim_rescale_inverse: bool = False
     select: str = "none"  # "none" | "all" | "zero" | "kth"
     kth: float = 0.0
@@ -128,6 +130,7 @@ class _Merge:
                     state.trim_rate = spec.trim_after_dare
             elif self.row.sparsification == "magnitude":
                 state.trim_rate = m.drop_rate
+                state.trim_density = m.density
                 state.trim_rescale_inverse = self.rescale == "inverse"
             self.models.append(state)
         self.needs_trim = any(s.trim_rate > 0 or self.row.sparsification == "magnitude"
@@ -302,7 +305,7 @@ class _Merge:
         buffer = None
         for k, model in enumerate(self.models):
             rate = model.trim_rate
-            count = magnitude_keep_count(self.n, rate)
+            count = magnitude_keep_count(self.n, rate, model.trim_density)
             if count >= self.n:
                 model.select = "all"
                 continue
@@ -350,9 +353,10 @@ class _Merge:
         weights = self.weights
         total, sign = self.total[:m], self.sign[:m]
         # elect sign (fuse.elect_sign)
-        if spec.sign_election == "sum":
+        election, disjoint = spec.resolved_sign_election, spec.resolved_disjoint_merge
+        if election == "sum":
             self._weighted_sum(deltas, [1.0] * len(deltas), total)
-        elif spec.sign_election == "weighted_sum":
+        elif election == "weighted_sum":
             self._weighted_sum(deltas, weights, total)
         else:
             total.zero_()
@@ -378,12 +382,12 @@ class _Merge:
             torch.gt(agree, 0, out=agree)
             tmp.mul_(agree)
             merged.add_(tmp)
-            if spec.disjoint_merge == "mean":
+            if disjoint == "mean":
                 den.add_(agree)
-            elif spec.disjoint_merge == "weight":
+            elif disjoint == "weight":
                 agree.mul_(float(w))
                 den.add_(agree)
-        if spec.disjoint_merge != "sum":
+        if disjoint != "sum":
             # where(den == 0, 1, den): adds 1 where den is ±0, +0 elsewhere (exact)
             torch.eq(den, 0, out=tmp)
             den.add_(tmp)
@@ -418,9 +422,10 @@ class _Merge:
         weights = np.asarray([float(w) for w in self.weights], dtype=np.float32)
         return (words, thresholds, modes, values, weights,
                 kernels.TIES if row.consensus == "ties" else kernels.SUM,
-                _ELECT[spec.sign_election], _DISJOINT[spec.disjoint_merge],
+                _ELECT.get(spec.resolved_sign_election, 0),
+                _DISJOINT.get(spec.resolved_disjoint_merge, 0),
                 bool(spec.resolved_normalize),
-                np.float32(sum(float(w) for w in self.weights)), np.float32(spec.scale))
+                np.float32(delta_divisor(self.weights)), np.float32(spec.scale))
 
     def run(self, out: torch.Tensor) -> None:
         self.l1_pass()
@@ -468,7 +473,7 @@ class _Merge:
             else:
                 merged = self._weighted_sum(deltas, self.weights, self.total[:m])
                 if spec.resolved_normalize:
-                    merged.div_(float(sum(float(w) for w in self.weights)))
+                    merged.div_(delta_divisor(self.weights))
             # θ_base + λ · merged, then one cast
             merged.mul_(spec.scale)
             torch.add(b, merged, out=merged)

@@ -58,8 +58,10 @@ from typing import Literal, get_args
 import torch
 
 __all__ = [
+    "WEIGHT_SUM_EPS",
     "DisjointMerge",
     "SignElection",
+    "delta_divisor",
     "disjoint_merge",
     "elect_sign",
     "linear",
@@ -72,6 +74,11 @@ DisjointMerge = Literal["mean", "weight", "sum"]
 
 _SIGN_ELECTIONS: tuple[str, ...] = get_args(SignElection)
 _DISJOINT_MERGES: tuple[str, ...] = get_args(DisjointMerge)
+
+#: A weight sum below this in magnitude divides by 1 instead (mergekit's guard when it
+#: normalises deltas without consensus), so weights such as [1, -1] with normalize
+#: still merge (to Σ w δ).
+WEIGHT_SUM_EPS = 1e-8
 
 
 def _check_tensors(
@@ -115,6 +122,13 @@ def _weight_total(weights: Sequence[float], what: str) -> float:
     return total
 
 
+def delta_divisor(weights: Sequence[float]) -> float:
+    """The divisor of a normalised weighted sum of deltas: ``Σ w``, or 1 where
+    ``|Σ w| < 1e-8`` (:data:`WEIGHT_SUM_EPS`, mergekit's guard)."""
+    total = float(sum(float(w) for w in weights))
+    return 1.0 if abs(total) < WEIGHT_SUM_EPS else total
+
+
 def linear(
     thetas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True
 ) -> torch.Tensor:
@@ -153,7 +167,8 @@ def task_arithmetic(
 
     Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023, arXiv
     2212.04089; mergekit ``task_arithmetic`` (``normalize: false`` default, its
-    ``lambda`` is our ``scale``).
+    ``lambda`` is our ``scale``). With normalize, ``|Σ w| < 1e-8`` divides by 1
+    (:func:`delta_divisor`, as mergekit).
 
     Args:
         base: The base parameter, shape S.
@@ -173,7 +188,7 @@ def task_arithmetic(
         )
     merged = _weighted_sum(deltas, weights)
     if normalize:
-        merged = merged / _weight_total(weights, "task_arithmetic")
+        merged = merged / delta_divisor(weights)
     return base + scale * merged
 
 

@@ -3,17 +3,19 @@
 DARE (Yu et al., "Language Models are Super Mario", ICML 2024, arXiv 2311.03099):
 ``δ̂ = (1 − m) ⊙ δ · r`` with ``m ~ Bernoulli(p)`` per element. The rescale ``r``:
 
-* ``"inverse"``: ``r = 1 / (1 − p)``, the paper's rescale (E[δ̂] = δ). Default.
+* ``"inverse"``: ``r = 1 / (1 − p)``, the paper's rescale (E[δ̂] = δ). The default
+  of :func:`dare`; recipes default to ``"l1"`` (mergekit's, see ``methods.table``).
 * ``"l1"``: mergekit's rescale (``rescale: true`` since its 2025 ``RescaleNorm``):
   ``r = ‖δ‖₁ / ‖(1 − m) ⊙ δ‖₁``, so the kept values carry the original L1 norm.
-  As in mergekit, when the kept L1 norm is below :data:`L1_EPS` (1e-7; e.g. all
-  dropped or all kept values zero) no rescale is applied. We sum in float64;
+  As in mergekit, when the full or the kept L1 norm is below :data:`L1_EPS` (1e-7;
+  e.g. all dropped or all kept values zero) no rescale is applied (the kept norm is
+  never above the full one, so testing it covers both). We sum in float64;
   mergekit sums in the tensor's dtype.
 * ``"none"``: DropOnly, the paper's ablation (biased: E[δ̂] = (1 − p) δ).
 
 Magnitude pruning (MP, the paper's ablation and the TIES trim, Yadav et al. 2023,
-arXiv 2306.01708): keep the ``k = ceil((1 − p) · n)`` largest ``|δ|`` of the tensor,
-chosen by index, so exactly k survive even when many ``|δ|`` tie (bf16 deltas are
+arXiv 2306.01708): keep the ``k`` largest ``|δ|`` of the tensor (``k = n − ⌊p · n⌋``
+for a drop rate, ``int(density · n)`` for a mergekit density), chosen by index, so exactly k survive even when many ``|δ|`` tie (bf16 deltas are
 full of ties and zeros). Ties at the k-th value go to the lowest flat indices.
 
 All computation is float32; other float dtypes are upcast first (never computed
@@ -150,16 +152,27 @@ def dare(
     return _apply_rescale(delta, kept, rescale, p)
 
 
-def magnitude_keep_count(numel: int, drop_rate: float) -> int:
-    """Number of elements magnitude pruning keeps: ``k = ceil((1 − p) · n)``.
+def magnitude_keep_count(numel: int, drop_rate: float, density: float | None = None) -> int:
+    """Number of elements magnitude pruning keeps.
 
-    p is read as the decimal the user wrote (``Fraction(repr(p))``) so that e.g.
-    p = 0.7 on n = 10 keeps exactly 3, not 4 through float error. Ceil keeps at
-    least the requested fraction, at least one element whenever p < 1, and matches
-    MergeLM's count (it drops ``floor(n · p)``). mergekit and peft keep
-    ``floor((1 − p) · n)`` instead.
+    The count of whatever the recipe named is rounded down, as its peer does:
+
+    * a drop rate p (dareflow's key): ``k = ceil((1 − p) · n) = n − ⌊p · n⌋``, MergeLM's
+      count (it drops ``floor(n · p)``). p is read as the decimal the user wrote
+      (``Fraction(repr(p))``) so that e.g. p = 0.7 on n = 10 keeps exactly 3, not 4
+      through float error; at least one element is kept whenever p < 1.
+    * a density d (mergekit's key, ``density`` given): ``k = int(d · n)`` in float
+      arithmetic, mergekit's ``magnitude`` sparsifier (peft's too). d ≥ 1 keeps all.
+      Where that is 0 for d > 0 mergekit stops with an assertion; one element is kept.
     """
     p = check_drop_rate(drop_rate)
+    if density is not None:
+        d = float(density)
+        if d >= 1.0:
+            return numel
+        if d <= 0.0:
+            return 0
+        return min(numel, max(1, int(d * numel)))
     return min(numel, math.ceil((1 - Fraction(repr(p))) * numel))
 
 
@@ -175,11 +188,13 @@ def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def magnitude_prune(
-    delta: torch.Tensor, drop_rate: float, rescale: Rescale = "none"
+    delta: torch.Tensor, drop_rate: float, rescale: Rescale = "none",
+    density: float | None = None,
 ) -> torch.Tensor:
     """Magnitude pruning: keeps the k largest ``|δ|`` of the tensor, by index.
 
-    ``k = ceil((1 − p) · n)`` (:func:`magnitude_keep_count`). The k-th largest
+    ``k = ceil((1 − p) · n)``, or ``int(density · n)`` when the mergekit density is
+    given (:func:`magnitude_keep_count`). The k-th largest
     magnitude v is found by selection (same value ``torch.topk(|δ|, k)`` gives,
     faster); every element with ``|δ| > v`` is kept and the remaining slots go to
     the elements with ``|δ| = v`` at the lowest flat indices, so exactly k are
@@ -196,6 +211,8 @@ def magnitude_prune(
         delta: Any shape; upcast to float32. Expected finite.
         drop_rate: p in [0, 1], the fraction of elements dropped.
         rescale: ``"none"`` (default), ``"inverse"`` or ``"l1"``.
+        density: mergekit's density as given (``1 − p``), for mergekit's keep count;
+            None: the drop rate's count.
 
     Returns:
         float32 tensor of ``delta.shape``.
@@ -204,7 +221,7 @@ def magnitude_prune(
     p = check_drop_rate(drop_rate)
     _check_rescale(rescale)
     n = delta.numel()
-    k = magnitude_keep_count(n, p)
+    k = magnitude_keep_count(n, p, density)
     if k >= n:
         return delta.clone()
     if k == 0:

@@ -49,18 +49,17 @@ __all__ = [
 Sparsification = Literal["none", "magnitude", "dare"]
 Consensus = Literal["none", "ties"]
 
-#: The TIES trim MergeLM (the DARE authors' code) applies after DARE in DARE+TIES:
-#: its ``ties_merging`` trims ``param_value_mask_rate`` (argparse default 0.8; the
-#: GLUE search reuses the best of {0.7, 0.8, 0.9} found for plain TIES). Pass it as
-#: ``MergeSpec.trim_after_dare`` to reproduce the paper; our default stays 0.0,
-#: which is mergekit's and peft's ``dare_ties`` (no trim after DARE).
+#: The TIES trim MergeLM (the DARE authors' code) applies after DARE in DARE+TIES
+#: on its GLUE (encoder) experiments: its ``ties_merging`` trims
+#: ``param_value_mask_rate`` (argparse default 0.8; the GLUE search reuses the best of
+#: {0.7, 0.8, 0.9} found for plain TIES). Pass it as ``MergeSpec.trim_after_dare`` to
+#: reproduce that script; the default is 0.0, mergekit's and peft's ``dare_ties`` (no
+#: trim after DARE).
 MERGELM_TIES_TRIM = 0.8
 
 _RESCALES: tuple[str, ...] = get_args(Rescale)
 _SIGN_ELECTIONS: tuple[str, ...] = get_args(SignElection)
 _DISJOINT_MERGES: tuple[str, ...] = get_args(DisjointMerge)
-_DEFAULT_SIGN_ELECTION = "sum"
-_DEFAULT_DISJOINT_MERGE = "mean"
 
 
 @dataclass(frozen=True)
@@ -76,6 +75,10 @@ class MethodRow:
             None for TIES rows, where ``MergeSpec.disjoint_merge`` decides.
         default_rescale: Default of ``MergeSpec.rescale``; None if the row does
             not sparsify.
+        default_sign_election: Default of ``MergeSpec.sign_election`` (TIES rows;
+            None for the others).
+        default_disjoint_merge: Default of ``MergeSpec.disjoint_merge`` (TIES rows;
+            None for the others).
         summary: One line on what it computes.
         reference: The paper.
         peer_notes: How mergekit / peft / MergeLM differ, per row.
@@ -90,6 +93,8 @@ class MethodRow:
     summary: str
     reference: str
     peer_notes: str
+    default_sign_election: SignElection | None = None
+    default_disjoint_merge: DisjointMerge | None = None
 
 
 _ROWS = (
@@ -131,11 +136,14 @@ _ROWS = (
         summary="trim (top-k |δ| per tensor) → elect sign → disjoint merge; θ_base + λ · merged.",
         reference="Yadav et al. 2023, TIES-Merging, arXiv 2306.01708",
         peer_notes=(
-            "Paper/MergeLM: trim over the whole model (we trim per tensor, like mergekit "
-            "and peft), unweighted sign sum, mean over agreeing. mergekit ties: "
-            "weighted_sum election + 'weight' normalisation (normalize: true), keeps "
-            "floor(density·n). peft ties: unweighted election ('total') + mean."
+            "Defaults are mergekit's ties: weighted_sum election, 'weight' normalisation "
+            "(normalize: true), no rescale, density 1 (no trim) unless set; with density "
+            "it keeps int(density·n) per tensor. Paper/MergeLM: trim over the whole model "
+            "(we trim per tensor, like mergekit and peft), unweighted sign sum ('sum'), "
+            "mean over agreeing ('mean'). peft ties: unweighted election ('total') + mean."
         ),
+        default_sign_election="weighted_sum",
+        default_disjoint_merge="weight",
     ),
     MethodRow(
         id="dare_linear",
@@ -143,14 +151,15 @@ _ROWS = (
         consensus="none",
         needs_base=True,
         default_normalize=False,
-        default_rescale="inverse",
+        default_rescale="l1",
         summary="DARE each δ_k (drop p, rescale) → θ_base + λ Σ w_k δ̂_k.",
         reference="Yu et al. 2023, Language Models are Super Mario (DARE), arXiv 2311.03099",
         peer_notes=(
-            "mergekit dare_linear: normalize false, rescale true = l1 (since 2025; "
-            "1/density before), bf16 bernoulli mask. peft dare_linear: 1/density, no "
-            "normalize. MergeLM: DARE + task_arithmetic, or + average merging "
-            "(= normalize true, w = 1)."
+            "Defaults are mergekit's dare_linear: normalize false, rescale l1 (its "
+            "rescale: true since 2025; 1/density before), density 1 unless set. The "
+            "paper: rescale inverse (1/(1−p)); MergeLM: DARE + task_arithmetic, or + "
+            "average merging (= normalize true, w = 1). peft dare_linear: 1/density, "
+            "no normalize."
         ),
     ),
     MethodRow(
@@ -159,18 +168,22 @@ _ROWS = (
         consensus="ties",
         needs_base=True,
         default_normalize=None,
-        default_rescale="inverse",
+        default_rescale="l1",
         summary=(
             "DARE each δ_k → optional TIES trim (trim_after_dare) → elect sign → "
             "disjoint merge; θ_base + λ · merged."
         ),
         reference="Yu et al. 2023, Language Models are Super Mario (DARE), arXiv 2311.03099",
         peer_notes=(
-            "MergeLM: DARE then full ties_merging, i.e. a magnitude trim after DARE "
-            f"(param_value_mask_rate, default {MERGELM_TIES_TRIM}) → set trim_after_dare. "
-            "mergekit dare_ties: no trim, weighted_sum election, normalize false "
-            "('sum'), rescale l1. peft dare_ties: no trim, 1/density, 'total' + mean."
+            "Defaults are mergekit's dare_ties: no trim after DARE, weighted_sum "
+            "election, normalize false ('sum'), rescale l1, density 1 unless set. "
+            "MergeLM (GLUE): DARE then full ties_merging, i.e. a magnitude trim after "
+            f"DARE (param_value_mask_rate, default {MERGELM_TIES_TRIM}) → set "
+            "trim_after_dare, rescale inverse, 'sum' + 'mean'. peft dare_ties: no trim, "
+            "1/density, 'total' + mean."
         ),
+        default_sign_election="weighted_sum",
+        default_disjoint_merge="sum",
     ),
     MethodRow(
         id="magnitude_linear",
@@ -211,14 +224,21 @@ class ModelParams:
 
     Attributes:
         model_id: The fine-tuned model's id (also seeds its DARE masks).
-        weight: w_k.
+        weight: w_k (any finite number; a negative weight subtracts the delta and
+            votes against it in a weighted sign election, as in mergekit).
         drop_rate: The sparsification rate p: DARE's drop rate, or the TIES / MP
             trim (= 1 − density). 0 for methods that do not sparsify.
+        density: The density as the recipe gave it (mergekit's key), or None when
+            it gave a drop rate. It only changes how many entries magnitude pruning
+            keeps: ``int(density · n)`` as mergekit, instead of ``n − ⌊p · n⌋``
+            (see :func:`~dareflow.methods.sparsify.magnitude_keep_count`). When
+            set, ``drop_rate`` must be ``1 − density``.
     """
 
     model_id: str
     weight: float = 1.0
     drop_rate: float = 0.0
+    density: float | None = None
 
     def __post_init__(self) -> None:
         problems = _model_problems(self)
@@ -238,6 +258,14 @@ def _model_problems(model: ModelParams) -> list[str]:
             f"{label}: drop_rate must be in [0, 1], got {model.drop_rate!r} "
             "(p is the fraction of delta parameters dropped; density = 1 - p)"
         )
+    elif model.density is not None:
+        if not _is_real(model.density) or not (0.0 <= model.density <= 1.0):
+            problems.append(f"{label}: density must be in [0, 1] or None, got {model.density!r}")
+        elif abs(model.drop_rate - (1.0 - model.density)) > 1e-9:
+            problems.append(
+                f"{label}: drop_rate {model.drop_rate!r} is not 1 - density "
+                f"({model.density!r}); give drop_rate = 1 - density, or density=None"
+            )
     return problems
 
 
@@ -254,12 +282,16 @@ class MergeSpec:
         models: One :class:`ModelParams` per fine-tuned model, in merge order.
         scale: λ, multiplies the merged delta (not for ``linear``).
         rescale: DARE/MP rescale (``"inverse"`` | ``"l1"`` | ``"none"``); None →
-            the method's default (``"inverse"`` for DARE rows, ``"none"`` for
+            the method's default (mergekit's: ``"l1"`` for DARE rows, ``"none"`` for
             magnitude rows). Must be None for rows that do not sparsify.
         normalize: Divide by Σw in linear-style rows; None → the row's default.
             Must be None for TIES rows (use ``disjoint_merge``).
-        sign_election: TIES sign election (``"sum"`` | ``"weighted_sum"`` | ``"count"``).
-        disjoint_merge: TIES normalisation (``"mean"`` | ``"weight"`` | ``"sum"``).
+        sign_election: TIES sign election (``"sum"`` | ``"weighted_sum"`` |
+            ``"count"``); None → the row's default (mergekit's ``"weighted_sum"``).
+            Must be None for rows without TIES consensus.
+        disjoint_merge: TIES normalisation (``"mean"`` | ``"weight"`` | ``"sum"``);
+            None → the row's default (mergekit's: ``"weight"`` for ties, ``"sum"``
+            for dare_ties). Must be None for rows without TIES consensus.
         trim_after_dare: ``dare_ties`` only: a TIES magnitude trim (drop rate)
             applied to each DARE output. 0.0 (default) = mergekit/peft;
             :data:`MERGELM_TIES_TRIM` = the DARE authors' code.
@@ -274,8 +306,8 @@ class MergeSpec:
     scale: float = 1.0
     rescale: Rescale | None = None
     normalize: bool | None = None
-    sign_election: SignElection = "sum"
-    disjoint_merge: DisjointMerge = "mean"
+    sign_election: SignElection | None = None
+    disjoint_merge: DisjointMerge | None = None
     trim_after_dare: float = 0.0
     seed: int = 0
     out_dtype: torch.dtype = field(default=torch.float32)
@@ -304,6 +336,20 @@ class MergeSpec:
     def resolved_normalize(self) -> bool | None:
         """Whether Σw normalisation is used (None for TIES rows)."""
         return self.row.default_normalize if self.normalize is None else self.normalize
+
+    @property
+    def resolved_sign_election(self) -> SignElection | None:
+        """The sign election actually used (None without TIES consensus)."""
+        if self.sign_election is None:
+            return self.row.default_sign_election
+        return self.sign_election
+
+    @property
+    def resolved_disjoint_merge(self) -> DisjointMerge | None:
+        """The disjoint-merge normalisation actually used (None without TIES consensus)."""
+        if self.disjoint_merge is None:
+            return self.row.default_disjoint_merge
+        return self.disjoint_merge
 
 
 def _spec_problems(spec: MergeSpec, row: MethodRow) -> list[str]:
@@ -349,19 +395,23 @@ def _spec_problems(spec: MergeSpec, row: MethodRow) -> list[str]:
                 "disjoint_merge ('weight' = mergekit normalize: true, 'sum' = normalize: false, "
                 "'mean' = paper)"
             )
-    if spec.sign_election not in _SIGN_ELECTIONS:
+    if spec.sign_election is None:
+        pass
+    elif spec.sign_election not in _SIGN_ELECTIONS:
         problems.append(
             f"sign_election must be one of {list(_SIGN_ELECTIONS)}, got {spec.sign_election!r}"
         )
-    elif row.consensus != "ties" and spec.sign_election != _DEFAULT_SIGN_ELECTION:
+    elif row.consensus != "ties":
         problems.append(
             f"sign_election {spec.sign_election!r} would be ignored: {row.id!r} has no TIES consensus"
         )
-    if spec.disjoint_merge not in _DISJOINT_MERGES:
+    if spec.disjoint_merge is None:
+        pass
+    elif spec.disjoint_merge not in _DISJOINT_MERGES:
         problems.append(
             f"disjoint_merge must be one of {list(_DISJOINT_MERGES)}, got {spec.disjoint_merge!r}"
         )
-    elif row.consensus != "ties" and spec.disjoint_merge != _DEFAULT_DISJOINT_MERGE:
+    elif row.consensus != "ties":
         problems.append(
             f"disjoint_merge {spec.disjoint_merge!r} would be ignored: {row.id!r} has no TIES consensus"
         )
@@ -380,7 +430,9 @@ def _spec_problems(spec: MergeSpec, row: MethodRow) -> list[str]:
         problems.append(f"seed must be an int, got {spec.seed!r}")
     if not isinstance(spec.out_dtype, torch.dtype) or not spec.out_dtype.is_floating_point:
         problems.append(f"out_dtype must be a floating torch.dtype, got {spec.out_dtype!r}")
-    if not problems and row.consensus == "none":
+    if not problems and not row.needs_base:
+        # linear averages whole parameters: a zero Σw has no meaning (mergekit divides
+        # by it and writes inf/NaN). Delta methods guard it instead (fuse.delta_divisor).
         normalize = row.default_normalize if spec.normalize is None else spec.normalize
         if normalize and sum(m.weight for m in spec.models) == 0:
             problems.append(
@@ -547,14 +599,15 @@ def merge_tensor_reference(
             if spec.trim_after_dare > 0:
                 delta = magnitude_prune(delta, spec.trim_after_dare, rescale="none")
         elif row.sparsification == "magnitude":
-            delta = magnitude_prune(delta, model.drop_rate, rescale=spec.resolved_rescale)
+            delta = magnitude_prune(delta, model.drop_rate, rescale=spec.resolved_rescale,
+                                    density=model.density)
         deltas.append(delta)
 
     if row.consensus == "ties":
         # elect sign
-        sign = elect_sign(deltas, weights, spec.sign_election)
+        sign = elect_sign(deltas, weights, spec.resolved_sign_election)
         # disjoint merge
-        merged_delta = disjoint_merge(deltas, weights, sign, spec.disjoint_merge)
+        merged_delta = disjoint_merge(deltas, weights, sign, spec.resolved_disjoint_merge)
         merged = base32 + spec.scale * merged_delta
     else:
         merged = task_arithmetic(

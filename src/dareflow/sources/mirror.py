@@ -104,6 +104,37 @@ def mirror(
     ).uri
 
 
+def pin_source(src: Source, store: Store, *, token: str | None, endpoint: str,
+               source_options: dict[str, Any] | None = None) -> MirrorResult | ResolvedSource:
+    """What ``src`` is pinned to: a mirrored copy the store already holds, else ``src``
+    resolved to a revision. Used by :func:`mirror_source` and by the pre-flight
+    (:mod:`dareflow.sources.headers`), so both take the same decisions in the same order.
+
+    A Hub commit sha already mirrored needs no network at all; with ``HF_HUB_OFFLINE=1`` or
+    the Hub unreachable, the revision last mirrored for the requested one is used.
+
+    Raises:
+        ConnectionError: the Hub is unreachable and nothing is mirrored for ``src``.
+        FileNotFoundError, PermissionError, OSError: see :func:`resolve`.
+    """
+    base = store.join("sources", src.safe_id)
+    if src.kind == "hub" and src.revision and COMMIT_SHA.match(src.revision):
+        hit = check_marker(store, storage.join(base, src.revision))
+        if hit is not None:
+            return hit
+    try:
+        if src.kind == "hub" and _env_flag("HF_HUB_OFFLINE"):
+            raise ConnectionError("HF_HUB_OFFLINE=1")
+        return resolve(src, token=token, endpoint=endpoint, storage_options=source_options)
+    except ConnectionError as exc:
+        hit = _offline_hit(store, base, src) if src.kind == "hub" else None
+        if hit is None:
+            raise
+        logger.warning("%s: Hub not reachable (%s); using the mirror of %s", src.id, exc,
+                       hit.source.revision)
+        return hit
+
+
 def mirror_source(
     source: Source | str,
     store_uri: str,
@@ -156,23 +187,11 @@ def mirror_source(
     endpoint = hub_endpoint(endpoint)
     store = Store(store_uri, store_options)
     base = store.join("sources", src.safe_id)
-
-    # A commit sha already mirrored needs no network at all.
-    if src.kind == "hub" and src.revision and COMMIT_SHA.match(src.revision):
-        hit = _check_marker(store, storage.join(base, src.revision))
-        if hit is not None:
-            return hit
-    try:
-        if src.kind == "hub" and _env_flag("HF_HUB_OFFLINE"):
-            raise ConnectionError("HF_HUB_OFFLINE=1")
-        resolved = resolve(src, token=token, endpoint=endpoint, storage_options=source_options)
-    except ConnectionError as exc:
-        hit = _offline_hit(store, base, src) if src.kind == "hub" else None
-        if hit is None:
-            raise
-        logger.warning("%s: Hub not reachable (%s); using the mirror of %s", src.id, exc,
-                       hit.source.revision)
-        return hit
+    pinned = pin_source(src, store, token=token, endpoint=endpoint,
+                        source_options=source_options)
+    if isinstance(pinned, MirrorResult):
+        return pinned
+    resolved = pinned
     selection = select_files(resolved, allow_pickle=allow_pickle)
 
     if src.kind == "local" and store.local and not copy_local and not selection.pickles:
@@ -180,7 +199,7 @@ def mirror_source(
         return MirrorResult(src.id, resolved, in_place=True)
 
     dest = storage.join(base, resolved.revision)
-    hit = _check_marker(store, dest, resolved)
+    hit = check_marker(store, dest, resolved)
     if hit is not None:
         _write_ref(store, base, resolved)
         return hit
@@ -213,7 +232,7 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _check_marker(
+def check_marker(
     store: Store, dest: str, resolved: ResolvedSource | None = None
 ) -> MirrorResult | None:
     """The mirror at ``dest`` if its marker exists and every listed file has its listed size.
@@ -268,7 +287,7 @@ def _offline_hit(store: Store, base: str, src: Source) -> MirrorResult | None:
         revision = json.loads(raw)["revision"]
     except (ValueError, KeyError, TypeError):
         return None
-    return _check_marker(store, storage.join(base, revision))
+    return check_marker(store, storage.join(base, revision))
 
 
 # -- a recipe's models ---------------------------------------------------------------------------

@@ -5,12 +5,13 @@ hash of S3 ETags, a hash of local file stats) and lists its files; Hub errors co
 built-in exceptions whose message says what to do (:func:`hub_error`). :func:`select_files`
 picks the files a merge needs.
 
-What is mirrored (:data:`ALLOW_PATTERNS`, top-level files only): ``*.safetensors`` (restricted
-to the shards ``model.safetensors.index.json`` names when there is an index), the index,
-``config.json``, ``generation_config.json`` and tokenizer files. Files in sub-folders (e.g. a
-Llama repo's ``original/consolidated.00.pth``), READMEs and pickle weights are never mirrored
-from a source that has safetensors. A source with only pickle weights is refused unless the
-caller opts in with ``allow_pickle=True`` (recipe key ``allow_pickle: true``); then the
+What is mirrored (:data:`ALLOW_PATTERNS`): top-level ``*.safetensors`` (restricted to the shards
+``model.safetensors.index.json`` names when there is an index), the index, ``config.json``,
+``generation_config.json``, tokenizer files and the sentence-transformers files
+(:data:`SENTENCE_TRANSFORMERS_FILES`, the only files mirrored from sub-folders). Other files in
+sub-folders (e.g. a Llama repo's ``original/consolidated.00.pth``), READMEs and pickle weights are
+never mirrored from a source that has safetensors. A source with only pickle weights is refused
+unless the caller opts in with ``allow_pickle=True`` (recipe key ``allow_pickle: true``); then the
 weights are loaded with ``torch.load(weights_only=True)`` and written as safetensors.
 
 The Hub token (``HF_TOKEN``, :func:`hub_token`) is sent to the Hub only; it is never logged or
@@ -36,16 +37,28 @@ __all__ = [
     "PICKLE_INDEX",
     "PICKLE_PATTERNS",
     "SAFETENSORS_INDEX",
+    "SENTENCE_TRANSFORMERS_FILES",
     "FileEntry",
     "ResolvedSource",
     "Selection",
     "hub_endpoint",
     "hub_error",
     "hub_token",
+    "matches",
     "resolve",
     "select_files",
 ]
 
+#: sentence-transformers files: the module list, its configs, the pooling config and the
+#: normalisation module's folder. A pattern with a folder matches files directly inside it
+#: (see :func:`matches`); the model card (README.md) is never taken.
+SENTENCE_TRANSFORMERS_FILES: tuple[str, ...] = (
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+    "2_Normalize/*",
+)
 ALLOW_PATTERNS: tuple[str, ...] = (
     "*.safetensors",
     "model.safetensors.index.json",
@@ -61,6 +74,7 @@ ALLOW_PATTERNS: tuple[str, ...] = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
+    *SENTENCE_TRANSFORMERS_FILES,
 )
 PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -101,7 +115,8 @@ class ResolvedSource:
         revision: Hub commit sha (40 hex); ``s3-<hex>`` = hash of the sorted (name, size,
             ETag) of the relevant files; ``local-<hex>`` = hash of their (name, size, mtime_ns).
         files: the source's files, sorted by name (Hub and S3 list sub-folders too, local
-            folders only their top level); only top-level files are ever selected.
+            folders their top level and the sub-folders :data:`ALLOW_PATTERNS` names); only
+            top-level files and the sentence-transformers sub-folder files are ever selected.
         requested_revision: what the spec asked for (Hub only).
     """
 
@@ -135,14 +150,33 @@ def hub_token(token: str | None = None) -> str | None:
     return token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether a file path (``/``-separated, relative to the model folder) matches one of the
+    fnmatch ``patterns`` component by component: ``*.safetensors`` matches top-level files
+    only and ``2_Normalize/*`` the files directly inside that folder (``*`` never crosses a
+    ``/``)."""
+    parts = name.split("/")
+    return any(
+        len(split := p.split("/")) == len(parts)
+        and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, split))
+        for p in patterns
+    )
 
 
 def _relevant(name: str) -> bool:
-    return "/" not in name and (
-        _matches(name, ALLOW_PATTERNS) or _matches(name, PICKLE_PATTERNS) or name == PICKLE_INDEX
+    return (
+        matches(name, ALLOW_PATTERNS) or matches(name, PICKLE_PATTERNS) or name == PICKLE_INDEX
     )
+
+
+def _local_files(root: Path) -> list[Path]:
+    """A local folder's top-level files, then the files of the sub-folders that
+    :data:`ALLOW_PATTERNS` names (regular files, or links to them; never folders)."""
+    found = [p for p in sorted(root.iterdir()) if p.is_file()]
+    for folder in sorted({p.split("/")[0] for p in ALLOW_PATTERNS if "/" in p}):
+        if (root / folder).is_dir():
+            found += [p for p in sorted((root / folder).iterdir()) if p.is_file()]
+    return found
 
 
 def _stat_revision(prefix: str, rows: Iterable[tuple]) -> str:
@@ -194,15 +228,15 @@ def resolve(
                               tuple(sorted(files, key=lambda f: f.name)), None, src.spec)
     root = Path(src.id)
     files = []
-    for p in sorted(root.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            files.append(FileEntry(p.name, st.st_size, f"{st.st_size}-{st.st_mtime_ns}"))
+    for p in _local_files(root):
+        st = p.stat()
+        files.append(FileEntry(p.relative_to(root).as_posix(), st.st_size,
+                               f"{st.st_size}-{st.st_mtime_ns}"))
     # Size + mtime_ns, not a content hash: hashing a 14 GB folder on every run would cost more
     # than the merge cache saves. An in-place rewrite that keeps size and mtime goes unnoticed.
     rows = [(f.name, f.etag) for f in files if _relevant(f.name)]
-    return ResolvedSource("local", src.id, _stat_revision("local", rows), tuple(files), None,
-                          src.spec)
+    return ResolvedSource("local", src.id, _stat_revision("local", rows),
+                          tuple(sorted(files, key=lambda f: f.name)), None, src.spec)
 
 
 def hub_error(exc: BaseException, src: Source, endpoint: str) -> Exception:
@@ -291,7 +325,8 @@ class Selection:
 
 
 def select_files(resolved: ResolvedSource, allow_pickle: bool = False) -> Selection:
-    """Apply the allow-patterns (top-level files only) and the pickle policy.
+    """Apply the allow-patterns (top-level files and the sentence-transformers sub-folder
+    files, see :func:`matches`) and the pickle policy.
 
     Raises:
         ValueError: only pickle weights and ``allow_pickle`` is False (the message says why
@@ -299,11 +334,11 @@ def select_files(resolved: ResolvedSource, allow_pickle: bool = False) -> Select
         FileNotFoundError: no weights at all.
     """
     top = [f for f in resolved.files if "/" not in f.name]
-    allowed = [f for f in top if _matches(f.name, ALLOW_PATTERNS)]
+    allowed = [f for f in resolved.files if matches(f.name, ALLOW_PATTERNS)]
     if any(f.name.endswith(".safetensors") for f in allowed):
         return Selection(tuple(allowed))
-    pickles = [f for f in top if _matches(f.name, PICKLE_PATTERNS)
-               and not _matches(f.name, _NOT_WEIGHTS)]
+    pickles = [f for f in top if matches(f.name, PICKLE_PATTERNS)
+               and not matches(f.name, _NOT_WEIGHTS)]
     if pickles:
         if not allow_pickle:
             names = ", ".join(f.name for f in pickles[:5]) + (" ..." if len(pickles) > 5 else "")
