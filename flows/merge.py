@@ -15,7 +15,8 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dareflow.merge import output
+from dareflow.flows.runtime import guard_temporary_server
+from dareflow.merge import output, publish
 from dareflow.merge.plan import warm_up_kernels
 from dareflow.recipe import load_recipe, parse_recipe, recipe_to_dict
 from dareflow.settings import default_store
@@ -42,7 +43,8 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     Args:
         recipe: The recipe as a mapping (see dareflow.recipe.Recipe).
         out: Output folder or URI; refused if it exists and is not empty, unless
-            ``overwrite``.
+            ``overwrite``, if it is, contains or is inside an input folder or the store,
+            or while another run writes to it.
         store: Artifact store root (folder or s3:// URI) holding committed layer units
             and Prefect results; default ``$DAREFLOW_STORE`` or ~/.cache/dareflow.
         overwrite: Replace an existing output once the new merge is complete.
@@ -53,25 +55,28 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     parsed = parse_recipe(recipe, "recipe")
     warm_up_kernels(parsed)
     store = store or default_store()
-    output.check_output(out, overwrite=overwrite)
-    staging = output.staging_uri(out)
-    output.clear_staging(staging)
-    # metadata only: a family problem stops the run before any model is mirrored
-    preflight_merge(recipe_to_dict(parsed), store, out)
-    mirrored = mirror_source.map(source_specs(parsed), unmapped(store)).result()
-    sources = resolve_sources(recipe_to_dict(parsed), mirrored)
-    results_in_store = result_storage(store)
-    # DARE gate: refuses deltas too large for DARE; cached by input fingerprints
-    check_deltas.with_options(result_storage=results_in_store)(recipe_to_dict(parsed), sources)
-    plan = make_plan(recipe_to_dict(parsed), sources, staging, store)
-    unit_task = merge_unit.with_options(result_storage=results_in_store)
-    # largest units first (embeddings, output head): no big unit left running alone at
-    # the end while the other workers idle; results come back in plan order
-    jobs = plan["units"]
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].get("elements", 0))
-    done = unit_task.map(unmapped(plan), [jobs[i] for i in order]).result()
-    results = [done[order.index(i)] for i in range(len(jobs))]
-    manifest = assemble_model(plan, results, out)
+    output.check_output(out, overwrite=overwrite, inputs=output.input_locations(parsed),
+                        store_uri=store)
+    # this run's lock on `out` and staging folder of its own (removed if the run fails)
+    with publish.reserve(out) as target:
+        # metadata only: a family problem (or a full output disk) stops the run before
+        # any model is mirrored
+        preflight_merge(recipe_to_dict(parsed), store, out)
+        mirrored = mirror_source.map(source_specs(parsed), unmapped(store)).result()
+        sources = resolve_sources(recipe_to_dict(parsed), mirrored)
+        results_in_store = result_storage(store)
+        # DARE gate: refuses deltas too large for DARE; cached by input fingerprints
+        check_deltas.with_options(result_storage=results_in_store)(recipe_to_dict(parsed),
+                                                                   sources)
+        plan = make_plan(recipe_to_dict(parsed), sources, target.staging_uri, store)
+        unit_task = merge_unit.with_options(result_storage=results_in_store)
+        # largest units first (embeddings, output head): no big unit left running alone
+        # at the end while the other workers idle; results come back in plan order
+        jobs = plan["units"]
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i].get("elements", 0))
+        done = unit_task.map(unmapped(plan), [jobs[i] for i in order]).result()
+        results = [done[order.index(i)] for i in range(len(jobs))]
+        manifest = assemble_model(plan, results, out, overwrite)
     cached = sum(r["cached"] for r in results)
     print(f"merged {len(results) - cached} unit(s), reused {cached} committed unit(s)")
     return {**manifest, "out": out, "cached": {r["unit"]: r["cached"] for r in results},
@@ -180,8 +185,6 @@ def shared_prefect_api():
 
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
-    from prefect.server.api.server import SubprocessASGIServer  # what get_client() starts
-
-    server = SubprocessASGIServer()
+    server = guard_temporary_server()  # what get_client() starts; exits with this process
     server.start()
     return temporary_settings({PREFECT_API_URL: server.api_url})

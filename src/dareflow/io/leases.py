@@ -96,6 +96,13 @@ class Lease:
             except OSError as e:  # a transient store error: try again at the next beat
                 logger.warning("could not renew lease %s: %s", self.uri, e)
 
+    def start(self) -> Lease:
+        """Renew the lease every ``ttl / 4`` seconds from a daemon thread until released."""
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True,
+                                        name=f"lease-{self.uri[-12:]}")
+        self._thread.start()
+        return self
+
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours (idempotent)."""
         self._stop.set()
@@ -174,10 +181,7 @@ def try_acquire(uri: str, ttl: float) -> Lease | None:
         doc = read_lease(uri)
         if doc is None or doc.get("owner") != owner:
             return None
-    lease = Lease(uri, owner, ttl)
-    lease._thread = threading.Thread(target=lease._heartbeat, name=f"lease-{uri[-12:]}",
-                                     daemon=True)
-    lease._thread.start()
+    lease = Lease(uri, owner, ttl).start()
     with _HELD_LOCK:
         _HELD[(uri, threading.get_ident())] = lease
     _test_hold()

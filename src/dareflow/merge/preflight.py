@@ -14,8 +14,9 @@ What the estimates rest on:
 - download: the listed sizes of the files the mirror would copy and the store lacks;
   its time at a stated rate (``DEFAULT_DOWNLOAD_RATE`` unless the caller knows better).
 - disk: the store grows by those files and by the unit shards (the merged tensors in the
-  output dtype); the output folder holds the same shards, hard-linked to the store's
-  when both are on one local filesystem.
+  output dtype); the output folder holds a copy of the same shards (never hard links: an
+  output edited in place must not change the store), and a local output's filesystem
+  must have that much free (``dareflow.merge.publish.check_space``: a problem if not).
 - memory: a unit holds its output shard and reads each model's tensors; the bound is the
   largest unit's input tensors of every model plus its output, times the parallel units.
 - time of the merge: the IO floor (read every input tensor, write the output with fsync)
@@ -39,6 +40,7 @@ from dareflow.io.headers import TensorInfo
 from dareflow.io.homology import vocab_tensor_names
 from dareflow.merge.layers import plan_units
 from dareflow.merge.plan import apply_vocab_policy, output_dtype, tensor_specs
+from dareflow.merge.publish import check_space
 from dareflow.merge.vocab_policy import check_family_with_policy
 from dareflow.recipe import Recipe, fine_tunes, recipe_to_dict
 from dareflow.sources import source_specs
@@ -74,7 +76,6 @@ class Estimate:
         download_bytes: Files to download (not yet in the store, not read in place).
         unit_bytes: The merged tensors in the output dtype (the unit shards in the store).
         input_bytes: Input tensor bytes the merge reads (every model, base included).
-        output_hard_linked: The output links the store's shards (no second copy on disk).
         largest_unit: Name of the unit with the largest memory bound.
         unit_memory_bytes: That unit's input tensors of every model plus its output.
         workers: Units merged at once.
@@ -86,7 +87,6 @@ class Estimate:
     download_bytes: int
     unit_bytes: int
     input_bytes: int
-    output_hard_linked: bool
     largest_unit: str
     unit_memory_bytes: int
     workers: int
@@ -101,8 +101,8 @@ class Estimate:
 
     @property
     def output_disk_bytes(self) -> int:
-        """Disk the output folder adds (0 when its shards are hard links into the store)."""
-        return 0 if self.output_hard_linked else self.unit_bytes
+        """Disk the output folder adds: a copy of the unit shards."""
+        return self.unit_bytes
 
     @property
     def memory_bytes(self) -> int:
@@ -200,7 +200,7 @@ def preflight(
     Args:
         recipe: A validated recipe.
         store_uri: The artifact store the merge mirrors into.
-        out_uri: The output folder (decides whether its shards are hard links).
+        out_uri: The output folder: its filesystem must have room for the merged shards.
         workers: Units merged at once (the memory bound's multiplier).
         download_rate: Bytes/s the download time assumes.
         measure: Measure this machine's IO rates (:func:`measure_io`, ~64 MiB written
@@ -243,8 +243,14 @@ def preflight(
     _collect(report, lambda: tensor_specs(recipe, report.out_dtype, reference.tensors))
     inputs = ([base] if base is not None else []) + list(models.values())
     io = measure_io(_probe_dir(store_uri, store_options)) if measure else None
-    report.estimate = _estimate(recipe, report, reference, inputs, store_uri, out_uri,
-                                workers, download_rate, io, store_options)
+    report.estimate = _estimate(recipe, report, reference, inputs, workers, download_rate,
+                                io)
+    if out_uri is not None:
+        try:
+            check_space(out_uri, report.estimate.output_disk_bytes)
+        except OSError as exc:
+            report.errors.append(exc)
+            report.problems.append(str(exc))
     return report
 
 
@@ -281,9 +287,8 @@ def _vocabulary(recipe: Recipe, reference: Checkpoint, models: dict[str, Checkpo
 
 
 def _estimate(recipe: Recipe, report: Preflight, reference: Checkpoint,
-              inputs: list[Checkpoint], store_uri: str, out_uri: str | None, workers: int,
-              download_rate: float, io: IORates | None, store_options: dict | None
-              ) -> Estimate:
+              inputs: list[Checkpoint], workers: int, download_rate: float,
+              io: IORates | None) -> Estimate:
     itemsize = _ITEMSIZE.get(report.out_dtype or "", 4)
 
     def out_bytes(t: TensorInfo) -> int:
@@ -304,8 +309,6 @@ def _estimate(recipe: Recipe, report: Preflight, reference: Checkpoint,
         download_bytes=download,
         unit_bytes=sum(out_bytes(t) for t in reference.tensors.values()),
         input_bytes=sum(c.info(n).nbytes for n in reference.tensors for c in inputs if n in c),
-        output_hard_linked=out_uri is not None and _same_local_fs(store_uri, out_uri,
-                                                                  store_options),
         largest_unit=largest,
         unit_memory_bytes=memory.get(largest, 0),
         workers=max(1, workers),
@@ -320,15 +323,6 @@ def _existing(path: str) -> str:
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path
-
-
-def _same_local_fs(store_uri: str, out_uri: str, store_options: dict | None) -> bool:
-    """Whether the output's shards will be hard links to the store's (one local fs)."""
-    store_fs, store_path = storage.get_fs(store_uri, **(store_options or {}))
-    out_fs, out_path = storage.get_fs(out_uri)
-    if not (localdisk.is_local(store_fs) and localdisk.is_local(out_fs)):
-        return False
-    return os.stat(_existing(store_path)).st_dev == os.stat(_existing(out_path)).st_dev
 
 
 def _probe_dir(store_uri: str, store_options: dict | None) -> str:

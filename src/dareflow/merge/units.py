@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import mmap
 import os
@@ -39,6 +40,17 @@ from dareflow.merge.vocab_policy import load_vocab_plan, unit_vocab_key
 from dareflow.methods import merge_tensor
 from dareflow.recipe import fine_tunes, parse_recipe
 
+logger = logging.getLogger(__name__)
+
+
+def unit_path(key: str) -> str:
+    """Where a unit's shard lies relative to the store root: ``units/xx/KEY.safetensors``.
+
+    Records (sidecars, Prefect cache records) keep this, never a URI: a store that is
+    moved or copied stays valid, and a copy never reads the store it was copied from.
+    """
+    return f"units/{key[:2]}/{key}.safetensors"
+
 
 def unit_uris(store_uri: str, key: str) -> tuple[str, str]:
     """(shard URI, sidecar URI) of a unit output in the store."""
@@ -46,20 +58,90 @@ def unit_uris(store_uri: str, key: str) -> tuple[str, str]:
     return base + ".safetensors", base + ".json"
 
 
+def in_store(record: dict[str, Any], store_uri: str) -> dict[str, Any]:
+    """A unit record with ``uri``: its shard in the store at ``store_uri`` (where this run
+    found it), whatever store the record was written in."""
+    return {**record, "uri": unit_uris(store_uri, record["key"])[0]}
+
+
+def store_relative(record: dict[str, Any]) -> dict[str, Any]:
+    """A unit record without its URI (what a cache outside the library keeps): readers
+    locate the shard again with :func:`in_store`."""
+    return {k: v for k, v in record.items() if k != "uri"} | {"path": unit_path(record["key"])}
+
+
 def committed_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any] | None:
     """The recorded result of a committed unit, or None if it must be (re)computed.
 
     A unit is committed when its sidecar exists (written after the shard) and the shard
-    exists with the recorded size; a deleted or truncated shard is recomputed.
+    has the recorded size and sha256: a deleted, truncated or modified shard is
+    recomputed (a modified one with a warning naming it). The bytes are hashed once per
+    process and file version (:func:`_verified`). The returned ``uri`` is the shard in
+    ``plan.store_uri``, not one the record may have been written with (older sidecars
+    hold an absolute ``uri``: a store moved since then still works).
     """
     shard, sidecar = unit_uris(plan.store_uri, job.key)
     try:
         record = json.loads(storage.read_bytes(sidecar))
-        if storage.size(shard) != record["nbytes"]:
+        version = _file_version(shard)
+        if version[0] != record["nbytes"]:
             return None
-    except (FileNotFoundError, ValueError, KeyError):
+        if not _verified(shard, version, record["sha256"], job.unit):
+            return None
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
-    return record
+    return {**record, "uri": shard}
+
+
+#: (shard URI, file version) -> whether its bytes matched the commit record's sha256.
+_VERIFIED: dict[tuple[str, tuple], bool] = {}
+_VERIFIED_MAX = 1 << 16
+
+
+def _file_version(uri: str) -> tuple:
+    """(size, ...what changes whenever the bytes do): inode, mtime and ctime locally
+    (ctime cannot be set back by a user), ETag and modification time on object stores."""
+    fs, path = storage.get_fs(uri)
+    if localdisk.is_local(fs):
+        st = os.stat(path)
+        return st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+    info = storage.info(uri)
+    return (int(info["size"]), str(info.get("ETag") or info.get("etag")),
+            str(info.get("LastModified") or info.get("mtime")))
+
+
+def _verified(uri: str, version: tuple, sha256: str, unit: str) -> bool:
+    """Whether the shard at ``uri`` (this ``version`` of it) has ``sha256``: hashed once,
+    with a warning naming the unit when it does not."""
+    known = _VERIFIED.get((uri, version))
+    if known is None:
+        known = _sha256(uri) == sha256
+        _remember(uri, version, known)
+        if not known:
+            logger.warning(
+                "unit %s: its shard %s no longer matches its commit record (sha256 %s...): "
+                "it was changed outside dareflow; merging the unit again", unit, uri,
+                sha256[:12])
+    return known
+
+
+def _sha256(uri: str) -> str:
+    """sha256 of a shard; a local one read with ``O_DIRECT`` where possible (it was
+    written so: reading it through the page cache would fill fresh memory once)."""
+    fs, path = storage.get_fs(uri)
+    pieces = localdisk.direct_chunks(path) if localdisk.is_local(fs) else None
+    if pieces is None:
+        return storage.sha256_of(uri)
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def _remember(uri: str, version: tuple, matches: bool) -> None:
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()
+    _VERIFIED[(uri, version)] = matches
 
 
 def lock_uri(store_uri: str, key: str) -> str:
@@ -103,7 +185,9 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     are read one tensor at a time.
 
     Returns:
-        ``{"unit", "key", "file", "uri", "sha256", "nbytes", "tensors", "cached"}``.
+        ``{"unit", "key", "file", "path", "uri", "sha256", "nbytes", "tensors", "cached"}``:
+        ``path`` relative to the store (what the sidecar records), ``uri`` the shard in
+        ``plan.store_uri``.
     """
     record = committed_unit(plan, job)
     if record is not None:
@@ -144,12 +228,15 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     sha256, nbytes = _write_shard_bytes(shard, buffer, size)
     del views, buffer
     fault_point("shard-written")
-    record = {"unit": job.unit, "key": job.key, "file": shard_name(job.unit), "uri": shard,
-              "sha256": sha256, "nbytes": nbytes, "tensors": list(job.tensors)}
+    # store-relative: the store can be moved or copied (see unit_path)
+    record = {"unit": job.unit, "key": job.key, "file": shard_name(job.unit),
+              "path": unit_path(job.key), "sha256": sha256, "nbytes": nbytes,
+              "tensors": list(job.tensors)}
     storage.write_bytes_atomic(sidecar, json.dumps(record, sort_keys=True).encode())
+    _remember(shard, _file_version(shard), True)  # hashed from the buffer just written
     fault_point("unit-committed")
     release_unit(plan, job, lease)
-    return {**record, "cached": False}
+    return {**record, "uri": shard, "cached": False}
 
 
 _SHARD_BUFFERS = threading.local()
