@@ -18,6 +18,16 @@ FOLDER_KINDS = {"paper": {"recipe"}, "examples": {"recipe"}, "demo": {"recipe"},
                 "suites": {"suite"}, "sweeps": {"sweep", "grid", "similarity"}}
 
 
+@pytest.fixture(autouse=True)
+def _demo_family_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run where `dareflow demo` has built its family: validate checks that the demo
+    recipe's local model folders exist (configs/demo/demo.yaml names them relative to the
+    working directory, as `dareflow merge` reads them)."""
+    for member in ("base", "arithmetic", "reverse"):
+        (tmp_path / "dareflow-demo" / "family" / member).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+
 def test_configs_are_found():
     names = {p.relative_to(CONFIGS_DIR).as_posix() for p in FILES}
     assert {"suites/openllm_v1.yaml", "suites/demo_skills.yaml",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dareflow.errors import quote
 from dareflow.schema import StrictModel
 
 __all__ = [
@@ -50,7 +51,7 @@ def _check_number(value: Any, key: str, where: str = "") -> float:
     ``where`` ("" for a setting that is one number) prefixes nested values, whose
     message then names the value itself (``validation_problems`` adds it otherwise).
     """
-    got = f" (got {value!r})" if where else ""
+    got = f" (got {quote(value)})" if where else ""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         shapes = "a valid number" if where else _SHAPES
         raise ValueError(f"{where}Input should be {shapes}{got}")  # noqa: TRY004
@@ -67,7 +68,8 @@ def _check_number(value: Any, key: str, where: str = "") -> float:
 def _check_gradient(values: list, key: str, where: str = "") -> list[float]:
     if not values:
         raise ValueError(f"{where}an empty list gives no value; give {_SHAPES}")
-    return [_check_number(v, key, f"{where}gradient {values!r}: ") for v in values]
+    prefix = f"{where}gradient {quote(values)}: "  # once: a long list is quoted short
+    return [_check_number(v, key, prefix) for v in values]
 
 
 def check_setting(value: Any, key: str) -> Any:
@@ -84,7 +86,7 @@ def check_setting(value: Any, key: str) -> Any:
     if isinstance(value, dict):
         raise ValueError(  # noqa: TRY004
             "a {filter, value} entry must be inside a list (mergekit cannot read a bare "
-            f"one): write it as `- filter: ...` / `  value: ...` (got {value!r})")
+            f"one): write it as `- filter: ...` / `  value: ...` (got {quote(value)})")
     if not value:
         raise ValueError(f"an empty list gives no value; give {_SHAPES}")
     if not any(isinstance(v, dict) for v in value):
@@ -94,16 +96,16 @@ def check_setting(value: Any, key: str) -> Any:
         if not isinstance(entry, dict):
             raise ValueError(  # noqa: TRY004
                 f"{where}a list must hold only numbers (a gradient) or only {{filter, "
-                f"value}} entries, got {entry!r} among entries")
+                f"value}} entries, got {quote(entry)} among entries")
         unknown = sorted(set(entry) - {"filter", "value"})
         if unknown:
             raise ValueError(f"{where}unknown key(s) {unknown}; an entry has `filter` "
                              "(a substring of tensor names) and `value`")
         if "value" not in entry:
-            raise ValueError(f"{where}`value` is missing (got {entry!r})")
+            raise ValueError(f"{where}`value` is missing (got {quote(entry)})")
         if entry.get("filter") is not None and not isinstance(entry["filter"], str):
             raise ValueError(f"{where}`filter` must be a string (a substring of tensor "
-                             f"names, or \"*\"), got {entry['filter']!r}")
+                             f"names, or \"*\"), got {quote(entry['filter'])}")
         inner = entry["value"]
         if isinstance(inner, list):
             _check_gradient(inner, key, where)

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from dareflow.errors import ProblemsError, unknown_choice
+from dareflow.errors import ProblemsError, quote, unknown_choice
 from dareflow.methods import METHODS
 from dareflow.parameters import (
     PER_MODEL_KEYS,
@@ -181,7 +181,7 @@ class TokenEmbedding(StrictModel):
             raise ValueError(
                 "a token source is a model of the recipe, {kind: zero} or {kind: "
                 f"model_token, model: M, token: T | token_id: N}}; got kind "
-                f"{value.get('kind')!r}")
+                f"{quote(value.get('kind'))}")
         return value
 
 
@@ -242,8 +242,8 @@ def _semantic_problems(recipe: Recipe) -> list[str]:
         if p.density is not None and p.drop_rate is not None:
             problems.append(
                 f"{where}: give either drop_rate (p, the fraction of delta parameters "
-                f"dropped) or density (= 1 - p), not both (got drop_rate={p.drop_rate}, "
-                f"density={p.density})"
+                f"dropped) or density (= 1 - p), not both (got drop_rate={quote(p.drop_rate)}, "
+                f"density={quote(p.density)})"
             )
         if not sparsifies and (p.density is not None or p.drop_rate is not None):
             key = "density" if p.density is not None else "drop_rate"
@@ -288,7 +288,7 @@ def _semantic_problems(recipe: Recipe) -> list[str]:
     for m in _fine_tunes(recipe):
         if m.model in seen:
             problems.append(
-                f"models: '{m.model}' is listed twice; list each model once and give it "
+                f"models: {quote(m.model)} is listed twice; list each model once and give it "
                 "the combined weight"
             )
         seen.add(m.model)
@@ -314,7 +314,7 @@ def _tokenizer_problems(recipe: Recipe) -> list[str]:
             problems.append(f"{key}: " + unknown_choice(
                 "tokenizer source", source, ["base", "union", *dict.fromkeys(refs)]))
     for tok, setting in ((config.tokens or {}) if config else {}).items():
-        where, source = f"tokenizer.tokens[{tok!r}].source", setting.source
+        where, source = f"tokenizer.tokens[{quote(tok)}].source", setting.source
         model = source if isinstance(source, str) else getattr(source, "model", None)
         if model is not None and model not in refs:
             problems.append(f"{where}: " + unknown_choice(
@@ -499,7 +499,7 @@ def _misplaced_options(data: dict) -> tuple[dict, list[str]]:
         for key in bad:
             problems.append(
                 f"parameters.{key}: a method-wide option takes one value, not a list "
-                f"(got {params[key]!r}); gradients and filters apply to "
+                f"(got {quote(params[key])}); gradients and filters apply to "
                 f"{', '.join(PER_MODEL_KEYS)}")
         if bad:
             data = {**data, "parameters": {k: v for k, v in params.items() if k not in bad}}

@@ -14,8 +14,8 @@ def test_ls_lists_every_method(capsys):
 
 def test_validate_reports_each_file_and_fails_if_any_is_bad(tmp_path, capsys):
     good = tmp_path / "good.yaml"
-    good.write_text("merge_method: dare_linear\nbase_model: b\n"
-                    "models:\n  - model: a\n    parameters: {drop_rate: 0.5}\n")
+    good.write_text("merge_method: dare_linear\nbase_model: org/b\n"
+                    "models:\n  - model: org/a\n    parameters: {drop_rate: 0.5}\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text("merge_method: dare_linear\nbase_model: b\nmodels:\n  - model: a\n"
                    "    parameters: {drop_rate: 0.5, density: 0.5}\n")

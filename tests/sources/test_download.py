@@ -103,8 +103,12 @@ def test_parse_source_local_rules(tmp_path, monkeypatch):
     assert parse_source("hf://org/name").kind == "hub"
     assert parse_source("./org/name").kind == "local"
     assert parse_source(f"file://{tmp_path}/org").id == str(tmp_path / "org")
-    # A missing folder that looks like a repo id is a Hub id (documented rule).
-    assert parse_source("org/other").kind == "hub"
+    # A missing folder whose parent exists here is a mistyped path, never a Hub id...
+    with pytest.raises(FileNotFoundError, match=r"'org/other' does not exist .*write "
+                       r"hf://org/other for the Hub repo"):
+        parse_source("org/other")
+    # ...and without a local parent, what looks like a repo id is a Hub id.
+    assert parse_source("nolocal/other").kind == "hub"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         parse_source("./org/missing")
     with pytest.raises(ValueError, match=r"neither an existing local folder nor a Hub repo id"):

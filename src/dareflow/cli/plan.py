@@ -78,9 +78,8 @@ def format_report(report: Preflight, source: str) -> str:
              (f"files the store does not hold yet; ~{duration(e.download_seconds)} at "
               f"{e.download_rate / 1e6:g} MB/s (assumed rate)")),
             ("  disk", size(e.store_bytes + e.output_disk_bytes),
-             f"store +{size(e.store_bytes)} (downloads + unit shards {size(e.unit_bytes)}); "
-             f"output {size(e.output_disk_bytes)}"
-             + (" (hard links to the store's shards)" if e.output_hard_linked else "")),
+             (f"store +{size(e.store_bytes)} (downloads + unit shards "
+              f"{size(e.unit_bytes)}); output {size(e.output_disk_bytes)} (a copy of them)")),
             ("  memory", size(e.memory_bytes),
              (f"at most: largest unit {e.largest_unit!r} {size(e.unit_memory_bytes)} (its "
               f"tensors of every model + output) x {e.workers} unit(s) at once")),

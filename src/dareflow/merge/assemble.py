@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,12 @@ from dareflow.errors import fault_point
 from dareflow.io import storage
 from dareflow.io.checkpoints import CONFIG_NAME, INDEX_NAME
 from dareflow.merge.tokenizer import is_tokenizer_file
+from dareflow.sources.files import (
+    drop_remote_code,
+    json_without_remote_code,
+    read_model_file,
+    remote_code_note,
+)
 from dareflow.sources.resolve import SENTENCE_TRANSFORMERS_FILES, matches
 
 README_NAME = "README.md"
@@ -210,10 +216,15 @@ def _set_dtype(config: dict[str, Any], dtype: str) -> None:
 
 def copy_model_files(
     base_uri: str, out_uri: str, dtype: str, *, tokenizer_uri: str | None = None,
-    vocab_size: int | None = None, **storage_options: Any
+    vocab_size: int | None = None, notes: list[str] | None = None, **storage_options: Any
 ) -> list[str]:
     """Write ``config.json`` with the output dtype and copy the base's tokenizer files and
     sentence-transformers files (``modules.json``, ``1_Pooling/config.json``, ...).
+
+    Only regular files inside the base folder are read, each of at most
+    ``MAX_MODEL_FILE_BYTES`` (``dareflow.sources.files``), and the remote-code keys
+    (``auto_map``, ``trust_remote_code``, ``custom_pipelines``) are dropped from the
+    output ``config.json`` and ``tokenizer_config.json``: no code is shipped with a merge.
 
     Args:
         base_uri: The base model folder.
@@ -223,6 +234,8 @@ def copy_model_files(
         tokenizer_uri: A folder of output tokenizer files (a vocabulary policy's,
             ``dareflow.merge.vocab_policy``): copied instead of the base's tokenizer files.
         vocab_size: The output embedding rows, written as the config's ``vocab_size``.
+        notes: Where to append one line per file whose remote-code keys were dropped,
+            for the model card (``write_model_card(notes=...)``).
         **storage_options: fsspec options for both folders.
 
     Returns:
@@ -232,7 +245,8 @@ def copy_model_files(
 
     Raises:
         FileNotFoundError: the base folder or its ``config.json`` is missing.
-        ValueError: unsupported ``dtype`` or an invalid ``config.json``.
+        ValueError: unsupported ``dtype``, an invalid ``config.json``, or a file to copy
+            that is a link out of the base folder, not a regular file, or too large.
     """
     dtype = normalize_dtype(dtype)
     names = storage.listdir(base_uri, **storage_options)
@@ -243,7 +257,7 @@ def copy_model_files(
         )
     config_uri = storage.join(base_uri, CONFIG_NAME)
     try:
-        config = json.loads(storage.read_bytes(config_uri, **storage_options))
+        config = json.loads(read_model_file(base_uri, CONFIG_NAME, **storage_options))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{config_uri!r} is not valid JSON ({e}); restore it") from None
     if not isinstance(config, dict):
@@ -251,21 +265,30 @@ def copy_model_files(
     _set_dtype(config, dtype)
     if vocab_size is not None:
         _set_vocab_size(config, vocab_size)
-    storage.write_bytes_atomic(
-        storage.join(out_uri, CONFIG_NAME), _json_bytes(config), **storage_options
-    )
+    _note(notes, CONFIG_NAME, drop_remote_code(config))
+    # every file is read (and checked) before the first is written
     copied = _model_files(base_uri, names, storage_options)
     if tokenizer_uri is not None:  # the output vocabulary's tokenizer replaces the base's
         copied = [n for n in copied if not is_tokenizer_file(n)]
-    for name in copied:
-        storage.copy_file(
-            storage.join(base_uri, name), storage.join(out_uri, name), **storage_options
-        )
-    tokenizer = sorted(storage.listdir(tokenizer_uri, **storage_options)) if tokenizer_uri else []
-    for name in tokenizer:
-        storage.copy_file(storage.join(tokenizer_uri, name), storage.join(out_uri, name),
-                          **storage_options)
-    return [CONFIG_NAME, *sorted(copied + tokenizer)]
+    files = {name: read_model_file(base_uri, name, **storage_options) for name in copied}
+    if tokenizer_uri is not None:
+        files |= {name: read_model_file(tokenizer_uri, name, **storage_options)
+                  for name in storage.listdir(tokenizer_uri, **storage_options)
+                  if not storage.is_temporary(name)}
+    storage.write_bytes_atomic(
+        storage.join(out_uri, CONFIG_NAME), _json_bytes(config), **storage_options
+    )
+    for name, data in sorted(files.items()):
+        if name == "tokenizer_config.json":  # custom tokenizer classes: auto_map too
+            data, dropped = json_without_remote_code(data)
+            _note(notes, name, dropped)
+        storage.write_bytes_atomic(storage.join(out_uri, name), data, **storage_options)
+    return [CONFIG_NAME, *sorted(files)]
+
+
+def _note(notes: list[str] | None, name: str, dropped: list[str]) -> None:
+    if dropped and notes is not None:
+        notes.append(remote_code_note(name, dropped))
 
 
 def _set_vocab_size(config: dict[str, Any], rows: int) -> None:
@@ -281,15 +304,18 @@ def _set_vocab_size(config: dict[str, Any], rows: int) -> None:
 def _model_files(base_uri: str, names: list[str], storage_options: Mapping[str, Any]
                  ) -> list[str]:
     """The base's files that ``MODEL_FILE_PATTERNS`` names: top-level ones and those directly
-    inside the sub-folders a pattern names (``1_Pooling/config.json``); folders are skipped."""
+    inside the sub-folders a pattern names (``1_Pooling/config.json``); folders and the
+    temporary files of unfinished writes are skipped."""
     candidates = list(names)
     for folder in sorted({p.split("/")[0] for p in MODEL_FILE_PATTERNS if "/" in p} & set(names)):
         if storage.isdir(storage.join(base_uri, folder), **storage_options):
             candidates += [f"{folder}/{n}" for n in
                            storage.listdir(storage.join(base_uri, folder), **storage_options)]
+    # anything but a folder: a link out of the base folder or a FIFO named like a
+    # tokenizer file is refused when read (read_model_file), never skipped silently
     return sorted(
-        n for n in candidates if matches(n, MODEL_FILE_PATTERNS)
-        and storage.info(storage.join(base_uri, n), **storage_options).get("type") == "file"
+        n for n in candidates if matches(n, MODEL_FILE_PATTERNS) and not storage.is_temporary(n)
+        and storage.info(storage.join(base_uri, n), **storage_options).get("type") != "directory"
     )
 
 
@@ -426,6 +452,7 @@ def render_model_card(
     sources: list[Mapping[str, Any]],
     shards: Mapping[str, str],
     versions: Mapping[str, str],
+    notes: Sequence[str] = (),
 ) -> str:
     """The text of the merged model's README.md (see ``write_model_card``)."""
     name = recipe.get("name") or "Merged model"
@@ -461,6 +488,8 @@ def render_model_card(
             "\n## Software\n\n"
             + "".join(f"- {k}: {v}\n" for k, v in sorted(versions.items()))
         )
+    if notes:
+        parts.append("\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
     return "".join(parts)
 
 
@@ -471,6 +500,7 @@ def write_model_card(
     sources: list[Mapping[str, Any]],
     shards: Mapping[str, str],
     versions: Mapping[str, str],
+    notes: Sequence[str] = (),
     **storage_options: Any,
 ) -> str:
     """Write README.md: Hub front matter, the recipe in words and as YAML, checksums.
@@ -487,11 +517,14 @@ def write_model_card(
             ``uri``, ``sha256``), rendered as a table with the union of their keys.
         shards: Shard file name -> sha256.
         versions: Software name -> version (dareflow, torch, transformers, ...).
+        notes: Lines for a "Notes" section (what was changed from the base's files, see
+            ``copy_model_files(notes=...)``).
 
     Returns:
         The README URI.
     """
-    text = render_model_card(recipe=recipe, sources=sources, shards=shards, versions=versions)
+    text = render_model_card(recipe=recipe, sources=sources, shards=shards, versions=versions,
+                             notes=notes)
     uri = storage.join(out_uri, README_NAME)
     storage.write_bytes_atomic(uri, text.encode(), **storage_options)
     return uri

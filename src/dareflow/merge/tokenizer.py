@@ -20,6 +20,7 @@ from typing import Any
 
 from dareflow.io import storage
 from dareflow.merge.vocab import ADDED_TOKEN_FLAGS, ModelVocab, OutputVocab
+from dareflow.sources.files import read_model_file
 
 #: Tokenizer files of a model folder (fnmatch patterns).
 TOKENIZER_FILE_PATTERNS = (
@@ -57,8 +58,9 @@ def is_tokenizer_file(name: str) -> bool:
 def read_tokenizer_files(uri: str, **storage_options: Any) -> dict[str, bytes]:
     """The tokenizer files of a model folder (empty when it has none)."""
     names = storage.listdir(uri, **storage_options)
-    return {n: storage.read_bytes(storage.join(uri, n), **storage_options)
-            for n in sorted(names) if is_tokenizer_file(n)}
+    # regular files inside the folder, bounded: never a link out of it or a FIFO
+    return {n: read_model_file(uri, n, **storage_options)
+            for n in sorted(names) if is_tokenizer_file(n) and not storage.is_temporary(n)}
 
 
 def _json(files: Mapping[str, bytes], name: str) -> Any:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from dareflow.io import storage
 from dareflow.io.s3 import explain_s3_error, storage_options_for
+from dareflow.sources.files import MAX_MODEL_FILE_BYTES, local_file_problem, unsafe_file_error
 from dareflow.sources.spec import COMMIT_SHA, Source, SourceKind, parse_source
 
 __all__ = [
@@ -171,11 +172,28 @@ def _relevant(name: str) -> bool:
 
 def _local_files(root: Path) -> list[Path]:
     """A local folder's top-level files, then the files of the sub-folders that
-    :data:`ALLOW_PATTERNS` names (regular files, or links to them; never folders)."""
-    found = [p for p in sorted(root.iterdir()) if p.is_file()]
+    :data:`ALLOW_PATTERNS` names: regular files inside the folder, or links to them
+    (``dareflow.sources.files``); never folders.
+
+    Raises:
+        ValueError: a file a merge would read (:func:`_relevant`) is a link out of the
+            folder (``vocab.txt -> /etc/passwd``), or a FIFO, device or socket. Other odd
+            entries (a README linked elsewhere) are left out.
+    """
+    entries = sorted(root.iterdir())
     for folder in sorted({p.split("/")[0] for p in ALLOW_PATTERNS if "/" in p}):
         if (root / folder).is_dir():
-            found += [p for p in sorted((root / folder).iterdir()) if p.is_file()]
+            entries += sorted((root / folder).iterdir())
+    found = []
+    for p in entries:
+        name = p.relative_to(root).as_posix()
+        if p.is_dir():
+            continue
+        problem = local_file_problem(root, name)
+        if problem is None:
+            found.append(p)
+        elif _relevant(name):
+            raise unsafe_file_error(root, name, problem)
     return found
 
 
@@ -330,11 +348,20 @@ def select_files(resolved: ResolvedSource, allow_pickle: bool = False) -> Select
 
     Raises:
         ValueError: only pickle weights and ``allow_pickle`` is False (the message says why
-            and how to convert).
+            and how to convert), or a selected file other than weights is larger than
+            ``MAX_MODEL_FILE_BYTES``.
         FileNotFoundError: no weights at all.
     """
     top = [f for f in resolved.files if "/" not in f.name]
     allowed = [f for f in resolved.files if matches(f.name, ALLOW_PATTERNS)]
+    large = [f for f in allowed if not f.name.endswith(".safetensors")
+             and f.size > MAX_MODEL_FILE_BYTES]
+    if large:
+        raise ValueError(
+            f"{resolved.where}: {', '.join(f'{f.name} ({f.size} bytes)' for f in large)} "
+            f"larger than the {MAX_MODEL_FILE_BYTES} bytes dareflow reads from a config, "
+            "tokenizer or sentence-transformers file; is it the right file? Remove it if "
+            "the model does not need it")
     if any(f.name.endswith(".safetensors") for f in allowed):
         return Selection(tuple(allowed))
     pickles = [f for f in top if matches(f.name, PICKLE_PATTERNS)

@@ -73,8 +73,12 @@ def parse_source(spec: str) -> Source:
        name exists).
     3. ``file://...``, or a path starting with ``/``, ``./``, ``../`` or ``~`` → local folder.
     4. A relative path that is an existing folder → local (an existing folder wins over the Hub).
-    5. ``org/name`` or ``org/name@revision`` (Hub id syntax) → Hub.
-    6. Anything else → ``ValueError`` naming the accepted forms.
+    5. A relative path without ``@`` whose parent is an existing folder (``models/base``
+       where ``models/`` exists) → local, so it must exist: a mistyped folder is never
+       fetched from the Hub as the repo it happens to spell (``hf://models/base`` or
+       ``models/base@main`` mean the Hub).
+    6. ``org/name`` or ``org/name@revision`` (Hub id syntax) → Hub.
+    7. Anything else → ``ValueError`` naming the accepted forms.
 
     Raises:
         ValueError: unsupported scheme, malformed repo id or revision, or a bare name that is
@@ -103,6 +107,13 @@ def parse_source(spec: str) -> Source:
         return _local(s, spec, explicit=True)
     if Path(s).is_dir():
         return _local(s, spec, explicit=False)
+    parent = Path(s).parent
+    if "@" not in s and parent != Path(".") and parent.is_dir():  # `@rev`: a Hub id
+        raise FileNotFoundError(
+            f"local model folder {spec!r} does not exist (resolved to "
+            f"{Path(s).expanduser().resolve()}; its parent {parent}/ is a folder here, so it "
+            f"is read as a path); check the path, or write hf://{s} for the Hub repo"
+        )
     if _REPO_ID.match(s.split("@", 1)[0]):
         return _parse_hub(s, spec)
     if Path(s).exists():

@@ -25,6 +25,7 @@ from typing_extensions import Self
 from dareflow.errors import TransientError
 from dareflow.io import storage
 from dareflow.io.s3 import storage_options_for
+from dareflow.sources.files import open_local_file
 from dareflow.sources.resolve import (
     PICKLE_INDEX,
     SAFETENSORS_INDEX,
@@ -83,7 +84,9 @@ class _Reader:
 
 class _LocalReader(_Reader):
     def open(self, name: str) -> IO[bytes]:
-        return open(os.path.join(self.resolved.id, name), "rb")
+        # checked on the open file: a link out of the folder or a FIFO put there after
+        # the listing is refused, never read (dareflow.sources.files)
+        return open_local_file(self.resolved.id, name)
 
     def local_path(self, name: str) -> str:
         return os.path.join(self.resolved.id, name)
