@@ -44,8 +44,9 @@ def fingerprint_model(label: str, model_uri: str) -> dict[str, Any]:
 
 
 def benchmark_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """The run's content key, but only while its result is committed in the store, so a
-    deleted result is evaluated again rather than reported as cached."""
+    """The run's content key, but only while its result is committed in this run's store
+    (``store``), so a deleted result is evaluated again rather than reported as cached,
+    and a copied store never answers from the one it was copied from."""
     p = parameters
     sha = None
     if not p["entry"].get("data") and p["mirror_dir"] is not None:
@@ -69,14 +70,19 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 def evaluate_benchmark(model: dict[str, Any], entry: dict[str, Any], store: str,
                        limit: int | None, backend: str, mirror_dir: str | None,
                        batch_size: int | str = 1) -> dict[str, Any]:
-    """One benchmark of one model (child process); returns the committed result's URI."""
+    """One benchmark of one model (child process); returns the committed result's record.
+
+    The record (Prefect caches it in the store) locates the result relative to the store
+    (``path``), never by URI: a moved or copied store stays valid (``publish_results``
+    locates it in this run's store).
+    """
     out = runs.evaluate_benchmark(model, entry, store=store, limit=limit, backend=backend,
                                   mirror_dir=mirror_dir, batch_size=batch_size)
     get_run_logger().info(
         "%s/%s: %s in %.1f s", model["label"], entry["name"],
         "evaluated in a child process" if out["launched"] else "committed result reused",
         out["seconds"])
-    return out
+    return {**{k: v for k, v in out.items() if k != "uri"}, "path": runs.result_path(out["key"])}
 
 
 def outcome_of(future: PrefectFuture, model: dict[str, Any], entry: dict[str, Any]) -> dict:
@@ -101,6 +107,8 @@ def publish_results(outcomes: list[dict[str, Any]], suite: str, merged: str,
     """Tidy table (parquet + CSV), raw JSON, comparison (markdown + CSV) and Prefect table and
     markdown artifacts; returns the URIs, the comparison and the failures."""
     parsed = load_suite(suite)
+    # cached run records are store-relative: their results in this run's store
+    outcomes = [runs.in_store(o, store) if o["status"] == "ok" else o for o in outcomes]
     entries = {t.name: t.model_dump(mode="json") for t in parsed.tasks}
     table, raws = report.results_table(outcomes, entries)
     wide, failed = results.comparison(table, parsed, merged, sources)

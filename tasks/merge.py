@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
 from dareflow.errors import is_transient
-from dareflow.merge import output, units
+from dareflow.merge import output, publish, units
 from dareflow.merge.plan import MergePlan, UnitJob, plan_merge
 from dareflow.merge.preflight import preflight
 from dareflow.recipe import parse_recipe
@@ -87,8 +87,10 @@ def make_plan(recipe: dict[str, Any], sources: dict[str, Any], work_uri: str,
 
 def unit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """Prefect cache key of a unit: its content key, but only while its output is
-    committed in the store, so a deleted or truncated shard is recomputed rather than
-    reported as cached."""
+    committed in this run's store (``plan["store_uri"]``), so a deleted, truncated or
+    modified shard is recomputed rather than reported as cached, and a copied store never
+    answers from the store it was copied from. The cached record holds no URI (see
+    :func:`merge_unit`)."""
     plan = MergePlan.from_dict(parameters["plan"])
     job = _job(parameters["unit"])
     if units.committed_unit(plan, job) is None:
@@ -103,7 +105,12 @@ def _job(unit: dict[str, Any]) -> UnitJob:
 @task(name="merge-unit", cache_key_fn=unit_cache_key, persist_result=True,
       task_run_name="merge-{unit[unit]}")
 def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
-    """DARE + fusion of one layer unit; writes its shard and returns its URI and sha256."""
+    """DARE + fusion of one layer unit; writes its shard and returns its record.
+
+    The record (Prefect caches it in the store) locates the shard relative to the store
+    (``path``), never by URI: a moved or copied store stays valid. Readers locate it
+    with ``units.in_store(record, store_uri)``.
+    """
     started = time.perf_counter()
     merge_plan, job = MergePlan.from_dict(plan), _job(unit)
     try:
@@ -116,13 +123,18 @@ def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
         result["nbytes"] / 1e6, time.perf_counter() - started,
     )
     # host:pid of the process that ran it: shows how units spread over (Dask) workers.
-    return {**result, "ran_on": f"{socket.gethostname()}:{os.getpid()}"}
+    return {**units.store_relative(result), "ran_on": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 @task(name="assemble-model", cache_policy=NONE)
-def assemble_model(plan: dict[str, Any], results: list[dict[str, Any]], out_uri: str) -> dict[str, Any]:
-    """Write index, config, tokenizer, model card and manifest; publish the folder."""
-    manifest = output.assemble_model(MergePlan.from_dict(plan), results, plan["work_uri"])
-    output.publish(plan["work_uri"], out_uri)
+def assemble_model(plan: dict[str, Any], results: list[dict[str, Any]], out_uri: str,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Copy the shards, write index, config, tokenizer, model card and manifest into the
+    staging folder, and publish it at ``out_uri`` (dareflow.merge.publish)."""
+    # cached unit records are store-relative: their shards in this run's store
+    results = [units.in_store(r, plan["store_uri"]) for r in results]
+    with publish.output_errors(out_uri):  # a full or read-only disk: the output's, by name
+        manifest = output.assemble_model(MergePlan.from_dict(plan), results, plan["work_uri"])
+    publish.publish(plan["work_uri"], out_uri, overwrite=overwrite)
     get_run_logger().info("published merged model to %s", out_uri)
     return manifest

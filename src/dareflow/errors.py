@@ -62,7 +62,21 @@ def unknown_choice(what: str, value: object, choices: Iterable[str]) -> str:
     choices = sorted(choices)
     close = did_you_mean(value, choices)
     hint = f"did you mean '{close}'? " if close else ""
-    return f"unknown {what} {str(value)!r}; {hint}choices: {', '.join(choices)}"
+    return f"unknown {what} {quote(str(value))}; {hint}choices: {', '.join(choices)}"
+
+
+#: Characters of a user's value that a message quotes (the rest is cut, with "…").
+QUOTE_CHARS = 200
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters (``…`` and the full length follow), so a
+    message never echoes a huge value back (a 1 MB string, a list expanded by YAML
+    aliases)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
 
 
 # ------------------------------------------------------------------------------ retries

@@ -42,8 +42,20 @@ def run_key(revision: str, entry: Mapping[str, Any], *, limit: int | None, backe
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def result_path(key: str) -> str:
+    """Where run ``key`` is committed relative to the store root (what cached records keep:
+    a moved or copied store stays valid)."""
+    return f"{RESULTS_DIR}/{key[:2]}/{key}.json"
+
+
 def result_uri(store: str, key: str) -> str:
-    return storage.join(store, RESULTS_DIR, key[:2], f"{key}.json")
+    return storage.join(store, result_path(key))
+
+
+def in_store(outcome: Mapping[str, Any], store: str) -> dict[str, Any]:
+    """A run's record with ``uri``: its result in ``store`` (the store of this run, whatever
+    store the record was cached in)."""
+    return {**outcome, "uri": result_uri(store, outcome["key"])}
 
 
 def committed_result(store: str, key: str) -> str | None:

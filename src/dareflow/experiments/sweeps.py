@@ -36,8 +36,9 @@ from dareflow.demo.skills import SKILLS, SPLIT_SIZE, generate_answers, get_skill
 from dareflow.errors import ProblemsError
 from dareflow.experiments.representation import load
 from dareflow.io import storage
-from dareflow.merge.output import assemble_model, clear_staging, publish, staging_uri
+from dareflow.merge.output import assemble_model
 from dareflow.merge.plan import plan_merge
+from dareflow.merge.publish import publish, reserve
 from dareflow.merge.units import merge_unit, release_unit
 from dareflow.recipe import parse_recipe
 from dareflow.schema import StrictModel, read_yaml, validation_problems
@@ -315,19 +316,23 @@ def merge_point(recipe: dict[str, Any], store_uri: str) -> dict[str, Any]:
                       work_uri="", store_uri=store_uri)
     key = hashlib.sha256("".join(u.key for u in plan.units).encode()).hexdigest()[:32]
     out = storage.join(models_root, key)
+    reused = {"model_key": key, "uri": out, "units": len(plan.units),
+              "units_cached": len(plan.units), "reused": True}
     if storage.exists(storage.join(out, "manifest.json")):
-        return {"model_key": key, "uri": out, "units": len(plan.units),
-                "units_cached": len(plan.units), "reused": True}
-    plan.work_uri = staging_uri(out)
-    clear_staging(plan.work_uri)
-    results = []
-    for job in plan.units:
-        try:
-            results.append(merge_unit(plan, job))
-        finally:  # as the merge flow's task: a failed unit must not keep its lease
-            release_unit(plan, job)
-    assemble_model(plan, results, plan.work_uri)
-    publish(plan.work_uri, out)
+        return reused
+    # another sweep merging the same point publishes the same bytes: wait for it
+    with reserve(out, wait_s=3600) as target:
+        if storage.exists(storage.join(out, "manifest.json")):
+            return reused
+        plan.work_uri = target.staging_uri
+        results = []
+        for job in plan.units:
+            try:
+                results.append(merge_unit(plan, job))
+            finally:  # as the merge flow's task: a failed unit must not keep its lease
+                release_unit(plan, job)
+        assemble_model(plan, results, plan.work_uri)
+        publish(plan.work_uri, out, overwrite=True)  # a folder without manifest: unfinished
     return {"model_key": key, "uri": out, "units": len(results),
             "units_cached": sum(r["cached"] for r in results), "reused": False}
 

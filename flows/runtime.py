@@ -1,0 +1,112 @@
+"""The Prefect runtime of a dareflow command: its temporary Prefect server, which exits
+when the command's process dies.
+
+Without ``PREFECT_API_URL`` Prefect runs flows against a temporary ("ephemeral") API
+server, a ``uvicorn`` child process started on first use and stopped at interpreter
+exit. A command killed with SIGKILL (or by the OOM killer) never reaches its exit
+handlers, and the server (~230 MB) lived on under pid 1, one per kill.
+:func:`guard_temporary_server` makes Prefect start that server through this module
+instead (``python -m dareflow.flows.runtime PARENT_PID UVICORN_ARGS...``): a thread in
+the server watches its parent and shuts the server down once the parent is gone. A
+watched parent pid rather than ``PR_SET_PDEATHSIG``: that signal follows the *thread*
+that started the child (Prefect may start the server from a worker thread that ends
+long before the command), and it exists on Linux only.
+
+The temporary server also sends no usage telemetry unless the user asked for it
+(``PREFECT_SERVER_ANALYTICS_ENABLED``): offline, every run printed ``Failed to send
+telemetry``.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+#: How often the server checks that the command that started it is alive (seconds).
+PARENT_POLL_S = 0.25
+#: How long the server may take to shut down gracefully once its parent is gone.
+SHUTDOWN_GRACE_S = 5.0
+
+
+def guard_temporary_server() -> Any | None:
+    """Make this process's temporary Prefect server (if it needs one) exit with it.
+
+    Installs a :class:`prefect.server.api.server.SubprocessASGIServer` subclass as the
+    instance Prefect's client starts on first use (Prefect keeps one per port, and
+    ``get_client()`` asks for the default one); nothing starts here. A no-op when
+    ``PREFECT_API_URL`` names a server, and when the temporary server was created
+    before this call (it is then left as it is).
+
+    Returns:
+        The temporary server instance (started or not), or None with an API URL.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    # cost: ~2 s of imports (FastAPI app, database), paid only without an API URL,
+    # where Prefect imports the same module to start its server anyway
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class GuardedServer(SubprocessASGIServer):
+        """Prefect's temporary server, started so that it exits when this process dies."""
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            return subprocess.Popen(server_command(self.port), env=server_environment())
+
+    # the default instance (port None) is what get_client() starts; the constructor
+    # returns an existing one unchanged
+    return GuardedServer()
+
+
+def server_command(port: int | None) -> list[str]:
+    """The temporary server's command line: Prefect 3.8's own (``SubprocessASGIServer.
+    _run_uvicorn_command``: uvicorn serving ``create_app`` on 127.0.0.1, errors only),
+    run under :func:`main` with this process as the parent to watch."""
+    import prefect  # already imported by the caller; the path of its package
+
+    return [sys.executable, "-m", "dareflow.flows.runtime", str(os.getpid()),
+            "--app-dir", str(prefect.__module_path__.parent),
+            "--factory", "prefect.server.api.server:create_app",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]
+
+
+def server_environment() -> dict[str, str]:
+    """The temporary server's environment, as Prefect builds it (no UI; this process's
+    explicitly set Prefect settings), with usage telemetry off unless set."""
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1",
+           **get_current_settings().to_environment_variables(exclude_unset=True)}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return env
+
+
+def watch_parent(parent: int) -> None:
+    """Block until ``parent`` is no longer this process's parent, then end the process:
+    SIGTERM first (uvicorn's graceful shutdown), a hard exit if that takes too long."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(SHUTDOWN_GRACE_S)
+    os._exit(1)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m dareflow.flows.runtime PARENT_PID UVICORN_ARGS...``: uvicorn, as
+    ``python -m uvicorn UVICORN_ARGS...`` runs it, for as long as PARENT_PID lives."""
+    parent = int(argv[0])
+    threading.Thread(target=watch_parent, args=(parent,), name="dareflow-parent-watch",
+                     daemon=True).start()
+    from uvicorn.main import main as uvicorn_main
+
+    uvicorn_main(args=argv[1:], prog_name="uvicorn")  # exits (3: port taken, Prefect retries)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
