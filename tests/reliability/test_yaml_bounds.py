@@ -76,7 +76,8 @@ def test_billion_laughs_recipe_is_refused_quickly_with_bounded_memory(tmp_path):
     started = time.monotonic()
     with pytest.raises(ProblemsError) as caught:
         read_yaml(path, "recipe")
-    assert time.monotonic() - started < 0.5
+    # not a speed test: the unbounded parser never finished; a wide margin for noisy machines
+    assert time.monotonic() - started < 5
     assert caught.value.problems == [
         (f"line 8: aliases (*name) expand this value to more than {MAX_YAML_NODES} values; a "
         "config is refused above that size: write the values out, or use fewer aliases")]
