@@ -44,22 +44,21 @@ def fingerprint_model(label: str, model_uri: str) -> dict[str, Any]:
 
 
 def benchmark_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """The run's content key, but only while its result is committed in this run's store
-    (``store``), so a deleted result is evaluated again rather than reported as cached,
-    and a copied store never answers from the one it was copied from."""
+    """The run's content key (``runs.benchmark_key``, the same as the committed result's),
+    but only while its result is committed in this run's store (``store``), so a deleted
+    result is evaluated again rather than reported as cached, and a copied store never
+    answers from the one it was copied from."""
     p = parameters
-    sha = None
-    if not p["entry"].get("data") and p["mirror_dir"] is not None:
-        sha = mirror_store.mirror_sha(p["mirror_dir"], p["entry"]["task"])
-    key = runs.run_key(p["model"]["revision"], p["entry"], limit=p["limit"],
-                       backend=p["backend"], mirror_sha=sha, batch_size=p.get("batch_size", 1))
+    key = runs.benchmark_key(p["model"], p["entry"], limit=p["limit"], backend=p["backend"],
+                             mirror_dir=p["mirror_dir"], run=p.get("run"))
     if runs.committed_result(p["store"], key) is None:
         return None
     return f"dareflow-eval-{key}"
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only failures that may pass next time (killed child, timeout, OOM, network)."""
+    """Retry only failures that may pass next time (killed child, OOM, network; not a
+    timeout, which would take as long again)."""
     exc = state.data
     return isinstance(exc, EvaluationError) and exc.transient
 
@@ -69,19 +68,22 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
       task_run_name="eval-{model[label]}-{entry[name]}")
 def evaluate_benchmark(model: dict[str, Any], entry: dict[str, Any], store: str,
                        limit: int | None, backend: str, mirror_dir: str | None,
-                       batch_size: int | str = 1) -> dict[str, Any]:
-    """One benchmark of one model (child process); returns the committed result's record.
+                       run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One benchmark of one model (child process, in a slot of the plan ``run``: see
+    ``backends.plan_run``; killed after its ``timeout_s``); returns the committed result's
+    record.
 
     The record (Prefect caches it in the store) locates the result relative to the store
     (``path``), never by URI: a moved or copied store stays valid (``publish_results``
     locates it in this run's store).
     """
     out = runs.evaluate_benchmark(model, entry, store=store, limit=limit, backend=backend,
-                                  mirror_dir=mirror_dir, batch_size=batch_size)
+                                  mirror_dir=mirror_dir, run=run)
+    where = f" on GPU(s) {','.join(out['gpus'])}" if out.get("gpus") else ""
     get_run_logger().info(
         "%s/%s: %s in %.1f s", model["label"], entry["name"],
-        "evaluated in a child process" if out["launched"] else "committed result reused",
-        out["seconds"])
+        f"evaluated in a child process{where}" if out["launched"]
+        else "committed result reused", out["seconds"])
     return {**{k: v for k, v in out.items() if k != "uri"}, "path": runs.result_path(out["key"])}
 
 

@@ -17,6 +17,7 @@ import errno
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -158,7 +159,8 @@ def fault_point(point: str) -> None:
     ``DAREFLOW_FAULT=<point>:<n>`` SIGKILLs the process the n-th time ``point`` is
     reached; ``<point>:raise`` raises ``RuntimeError`` every time; ``<point>:kill-once:<file>``
     SIGKILLs the first process to reach it (creating ``<file>``), as the OOM killer
-    would. Unset (always, outside tests), this returns at once.
+    would; ``<point>:sleep:<seconds>`` sleeps that long, as a hung process would (timeouts).
+    Unset (always, outside tests), this returns at once.
     """
     spec = os.environ.get(FAULT_ENV, "")
     if not spec.startswith(point + ":"):
@@ -166,6 +168,9 @@ def fault_point(point: str) -> None:
     action = spec[len(point) + 1:]
     if action == "raise":
         raise RuntimeError(f"injected fault at {point} ({FAULT_ENV}={spec})")
+    if action.startswith("sleep:"):
+        time.sleep(float(action.split(":", 1)[1]))
+        return
     if action.startswith("kill-once:"):
         marker = Path(action.split(":", 1)[1])
         if not marker.exists():

