@@ -43,6 +43,8 @@ def test_a_child_runs_pinned_to_its_slot(tiny_lm_dir: Path, mirror_dir: Path,
     raw = json.loads(Path(result_uri(str(tmp_path), out["key"])).read_text())
     assert raw["dareflow"]["cuda_visible_devices"] == "3,5"
     assert raw["dareflow"]["gpus"] == ["3", "5"]
-    assert raw["dareflow"]["model_args"] == {"dtype": "float32", "trust_remote_code": False}
+    # the v1 entry pins add_bos_token: false (the v1 harness added no BOS)
+    assert raw["dareflow"]["model_args"] == {"add_bos_token": False, "dtype": "float32",
+                                             "trust_remote_code": False}
     assert raw["dareflow"]["batch_size"] == 1
     assert set(raw["dareflow"]["versions"]) == {"lm_eval", "transformers", "torch", "datasets"}
