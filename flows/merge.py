@@ -12,13 +12,14 @@ import json
 import os
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow, tags, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from dareflow.flows.runtime import guard_temporary_server
-from dareflow.merge import output, publish
+from dareflow.merge import output, publish, report
 from dareflow.merge.plan import warm_up_kernels
-from dareflow.recipe import load_recipe, parse_recipe, recipe_to_dict
+from dareflow.recipe import load_recipe, mask_id, parse_recipe, recipe_to_dict
 from dareflow.settings import default_store
 from dareflow.sources import source_specs
 from dareflow.tasks.experiments import check_deltas
@@ -28,6 +29,7 @@ from dareflow.tasks.merge import (
     merge_unit,
     mirror_source,
     preflight_merge,
+    report_merge,
     resolve_sources,
 )
 
@@ -35,10 +37,27 @@ from dareflow.tasks.merge import (
 DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
-@flow(name="dare-merge", task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_WORKERS))
+def merge_run_name() -> str:
+    """The flow run's name, from its parameters: ``<recipe name> (<method>)``
+    (``dareflow.merge.report.run_name``)."""
+    from prefect.runtime import flow_run  # the parameters of the run being named
+
+    params = flow_run.parameters
+    return report.run_name(params["recipe"], params["out"])
+
+
+@flow(name="dare-merge", flow_run_name=merge_run_name,
+      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_WORKERS))
 def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
                overwrite: bool = False) -> dict[str, Any]:
     """Merge the models of ``recipe`` into an HF folder at ``out``.
+
+    The run is named after the recipe and its method and tagged ``method:``, ``recipe:``
+    and ``base:``; it publishes a link to the model, its model card, the table of units
+    and the gate's table as artifacts (``dareflow.merge.report``). Task inputs are passed
+    quoted (``prefect.utilities.annotations.quote``): Prefect would otherwise link tasks
+    that share an object (the plan, a string) by identity; the real edges are stated
+    (data passed as futures, ``wait_for``).
 
     Args:
         recipe: The recipe as a mapping (see dareflow.recipe.Recipe).
@@ -57,30 +76,56 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     store = store or default_store()
     output.check_output(out, overwrite=overwrite, inputs=output.input_locations(parsed),
                         store_uri=store)
+    name = report.merge_name(recipe, out)
+    run_tags = report.run_tags(recipe, out, mask_id(parsed.base_model)
+                               if parsed.base_model else None)
+    tag_flow_run(run_tags)
+    resolved = quote(recipe_to_dict(parsed))
     # this run's lock on `out` and staging folder of its own (removed if the run fails)
-    with publish.reserve(out) as target:
+    with publish.reserve(out) as target, tags(*run_tags):
         # metadata only: a family problem (or a full output disk) stops the run before
         # any model is mirrored
-        preflight_merge(recipe_to_dict(parsed), store, out)
-        mirrored = mirror_source.map(source_specs(parsed), unmapped(store)).result()
-        sources = resolve_sources(recipe_to_dict(parsed), mirrored)
+        checked = preflight_merge.submit(resolved, quote(store), quote(out))
+        checked.result()
+        mirrored = mirror_source.map(quote(source_specs(parsed)), quote(unmapped(store)),
+                                     wait_for=[checked])
+        sources = resolve_sources.submit(resolved, mirrored)
         results_in_store = result_storage(store)
         # DARE gate: refuses deltas too large for DARE; cached by input fingerprints
-        check_deltas.with_options(result_storage=results_in_store)(recipe_to_dict(parsed),
-                                                                   sources)
-        plan = make_plan(recipe_to_dict(parsed), sources, target.staging_uri, store)
+        gate = check_deltas.with_options(result_storage=results_in_store).submit(
+            resolved, sources, quote(report.artifact_key(name, "gate")))
+        verdicts = gate.result()
+        planned = make_plan.submit(resolved, sources, quote(target.staging_uri), quote(store),
+                                   wait_for=[gate])
+        plan = planned.result()
         unit_task = merge_unit.with_options(result_storage=results_in_store)
         # largest units first (embeddings, output head): no big unit left running alone
         # at the end while the other workers idle; results come back in plan order
         jobs = plan["units"]
         order = sorted(range(len(jobs)), key=lambda i: -jobs[i].get("elements", 0))
-        done = unit_task.map(unmapped(plan), [jobs[i] for i in order]).result()
-        results = [done[order.index(i)] for i in range(len(jobs))]
-        manifest = assemble_model(plan, results, out, overwrite)
+        futures = unit_task.map(quote(unmapped(plan)), quote([jobs[i] for i in order]),
+                                wait_for=[planned])
+        done = [futures[order.index(i)] for i in range(len(jobs))]
+        results = [f.result() for f in done]
+        manifest = assemble_model.submit(quote(plan), done, quote(out), overwrite,
+                                         wait_for=[planned]).result()
+    report_merge.submit(quote(name), quote(out), quote(results), quote(verdicts),
+                        wait_for=done).result()
     cached = sum(r["cached"] for r in results)
     print(f"merged {len(results) - cached} unit(s), reused {cached} committed unit(s)")
     return {**manifest, "out": out, "cached": {r["unit"]: r["cached"] for r in results},
             "ran_on": {r["unit"]: r.get("ran_on") for r in results}}
+
+
+def tag_flow_run(run_tags: list[str]) -> None:
+    """Add ``run_tags`` to this flow run's tags in the API (a run started by a deployment
+    keeps the deployment's), so the runs list can be filtered by method, recipe and base."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+        client.update_flow_run(run.id, tags=sorted(set(run.tags) | set(run_tags)))
 
 
 def result_storage(store: str):

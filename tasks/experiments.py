@@ -17,6 +17,7 @@ from prefect.cache_policies import NONE
 from dareflow import delta_stats
 from dareflow.experiments import representation, sweeps
 from dareflow.io.checkpoints import Checkpoint
+from dareflow.merge import report as merge_report
 from dareflow.recipe import GateConfig, parse_recipe
 
 #: Bump when the gate's statistics or verdict logic change.
@@ -42,12 +43,22 @@ def gate_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"dareflow-gate-{digest}"
 
 
-@task(name="check-deltas", cache_key_fn=gate_cache_key, persist_result=True)
-def check_deltas(recipe: dict[str, Any], sources: dict[str, Any]) -> list[dict[str, Any]]:
+@task(name="check-deltas", cache_key_fn=gate_cache_key, persist_result=True,
+      task_run_name="check-deltas")
+def check_deltas(recipe: dict[str, Any], sources: dict[str, Any],
+                 gate_key: str | None = None) -> list[dict[str, Any]]:
     """The DARE applicability gate: estimate each fine-tune's delta statistics against
-    the base; raise (mode refuse) or log a warning (mode warn) when they are too large."""
-    verdicts = delta_stats.check_gate(parse_recipe(recipe, "<recipe>"), sources["base_uri"],
-                                      sources["model_uris"])
+    the base; raise (mode refuse) or log a warning (mode warn) when they are too large.
+    With ``gate_key``, a refusal first publishes the gate's table under that key (a
+    passing gate's table is the merge report's: this task may come from the cache)."""
+    parsed = parse_recipe(recipe, "<recipe>")
+    verdicts = delta_stats.measure_gate(parsed, sources["base_uri"], sources["model_uris"])
+    try:
+        delta_stats.enforce_gate(parsed, verdicts)
+    except ValueError:
+        if gate_key:
+            publish_gate_table([asdict(v) for v in verdicts], gate_key, refused=True)
+        raise
     logger = get_run_logger()
     for v in verdicts:
         if v.passed:
@@ -56,6 +67,15 @@ def check_deltas(recipe: dict[str, Any], sources: dict[str, Any]) -> list[dict[s
         else:
             logger.warning("gate (mode warn): %s", v.message)
     return [asdict(v) for v in verdicts]
+
+
+def publish_gate_table(verdicts: list[dict[str, Any]], key: str, *, refused: bool) -> None:
+    """The gate's verdicts as a Prefect table artifact (model, |delta| p99, relative norm,
+    verdict)."""
+    create_table_artifact(
+        table=merge_report.gate_rows(verdicts), key=key,
+        description=("DARE applicability gate: refused the merge" if refused
+                     else "DARE applicability gate"))
 
 
 @task(name="resolve-models", cache_policy=NONE)
