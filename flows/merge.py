@@ -16,7 +16,7 @@ from prefect import flow, tags, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from dareflow.flows.runtime import guard_temporary_server
+from dareflow.flows.runtime import guard_temporary_server, one_line_failures
 from dareflow.merge import output, publish, report
 from dareflow.merge.plan import warm_up_kernels
 from dareflow.recipe import load_recipe, mask_id, parse_recipe, recipe_to_dict
@@ -71,6 +71,7 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     Returns:
         The manifest written next to the model, plus ``out`` and per-unit ``cached``.
     """
+    one_line_failures()
     parsed = parse_recipe(recipe, "recipe")
     warm_up_kernels(parsed)
     store = store or default_store()

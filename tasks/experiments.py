@@ -5,17 +5,23 @@ and ``dareflow.experiments.representation``. They pass URIs and small records, n
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import asdict
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NONE
 
 from dareflow import delta_stats
 from dareflow.experiments import representation, sweeps
+from dareflow.io import storage
 from dareflow.io.checkpoints import Checkpoint
 from dareflow.merge import report as merge_report
 from dareflow.recipe import GateConfig, parse_recipe
@@ -85,19 +91,40 @@ def resolve_models(demo_family: dict[str, Any] | None, names: list[str]) -> dict
     return sweeps.resolve_models(spec, names, progress=get_run_logger().info)
 
 
-@task(name="inspect-deltas", cache_policy=NONE)
-def inspect_deltas(base_uri: str, finetuned_uri: str, out_stem: str) -> dict[str, Any]:
-    """Delta statistics of one pair (exact per tensor), written as CSV + PNG, with the
-    gate's verdict at its default thresholds."""
-    stats = delta_stats.delta_stats(base_uri, finetuned_uri)
+@task(name="inspect-deltas", cache_policy=NONE, task_run_name="inspect-deltas")
+def inspect_deltas(base_uri: str, finetuned_uri: str, out_stem: str,
+                   sample: int = delta_stats.DEFAULT_OVERALL_SAMPLE,
+                   artifact_key: str | None = None,
+                   max_rows: int | None = 40) -> dict[str, Any]:
+    """Delta statistics of one pair (exact per tensor), written as CSV + parquet + PNG,
+    with the gate's verdict at its default thresholds. With ``artifact_key``, also
+    published as Prefect artifacts: the table (``<key>``, every tensor and ``(all)``) and
+    the plot (``<key>-plot``, an image embedded as a data URI).
+
+    Returns:
+        ``{"paths", "overall", "gate", "table"}``: ``table`` is the text table (the
+        ``max_rows`` worst tensors and ``(all)``; None: every tensor).
+    """
+    stats = delta_stats.delta_stats(base_uri, finetuned_uri, overall_sample=sample)
     gate = GateConfig()
     verdict = delta_stats.gate_verdict(finetuned_uri, base_uri, stats,
                                        max_abs_delta_p99=gate.max_abs_delta_p99,
                                        max_relative_norm=gate.max_relative_norm)
-    paths = sweeps.write_table(stats.to_frame(), out_stem)
+    frame = stats.to_frame()
+    paths = sweeps.write_table(frame, out_stem)
     paths["plot"] = delta_stats.plot_delta_stats(stats, out_stem + ".png")
+    text = delta_stats.format_table(stats, max_rows=max_rows)
     get_run_logger().info("delta statistics:\n%s", delta_stats.format_table(stats, max_rows=8))
-    return {"paths": paths, "overall": stats.overall.row(), "gate": asdict(verdict)}
+    if artifact_key:
+        title = f"{finetuned_uri} vs {base_uri}"
+        create_table_artifact(table=frame.round(6).to_dict(orient="records"), key=artifact_key,
+                              description=f"delta statistics: {title}")
+        png = base64.b64encode(storage.read_bytes(paths["plot"])).decode()
+        create_image_artifact(image_url=f"data:image/png;base64,{png}",
+                              key=artifact_key + "-plot",
+                              description=f"delta statistics plot: {title}")
+    return {"paths": paths, "overall": stats.overall.row(), "gate": asdict(verdict),
+            "table": text}
 
 
 @task(name="merge-point", cache_policy=NONE, task_run_name="merge-{recipe[merge_method]}")
