@@ -12,7 +12,8 @@ import json
 import os
 from typing import Any
 
-from prefect import flow, tags, unmapped
+from prefect import flow, get_client, tags, unmapped
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -40,8 +41,6 @@ DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
 def merge_run_name() -> str:
     """The flow run's name, from its parameters: ``<recipe name> (<method>)``
     (``dareflow.merge.report.run_name``)."""
-    from prefect.runtime import flow_run  # the parameters of the run being named
-
     params = flow_run.parameters
     return report.run_name(params["recipe"], params["out"])
 
@@ -69,7 +68,8 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
         overwrite: Replace an existing output once the new merge is complete.
 
     Returns:
-        The manifest written next to the model, plus ``out`` and per-unit ``cached``.
+        The manifest written next to the model, plus ``out``, per-unit ``cached`` and
+        ``ran_on``, and the ``flow_run_id``.
     """
     one_line_failures()
     parsed = parse_recipe(recipe, "recipe")
@@ -115,15 +115,13 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     cached = sum(r["cached"] for r in results)
     print(f"merged {len(results) - cached} unit(s), reused {cached} committed unit(s)")
     return {**manifest, "out": out, "cached": {r["unit"]: r["cached"] for r in results},
-            "ran_on": {r["unit"]: r.get("ran_on") for r in results}}
+            "ran_on": {r["unit"]: r.get("ran_on") for r in results},
+            "flow_run_id": str(flow_run.id)}
 
 
 def tag_flow_run(run_tags: list[str]) -> None:
     """Add ``run_tags`` to this flow run's tags in the API (a run started by a deployment
     keeps the deployment's), so the runs list can be filtered by method, recipe and base."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run.id)
         client.update_flow_run(run.id, tags=sorted(set(run.tags) | set(run_tags)))
