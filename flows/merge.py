@@ -10,9 +10,11 @@ one shard) → assemble and publish the HF folder.
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_client, tags, unmapped
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
@@ -81,22 +83,23 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
     run_tags = report.run_tags(recipe, out, mask_id(parsed.base_model)
                                if parsed.base_model else None)
     tag_flow_run(run_tags)
-    resolved = quote(recipe_to_dict(parsed))
+    quoted = quote_for(FlowRunContext.get().task_runner)
+    resolved = quoted(recipe_to_dict(parsed))
     # this run's lock on `out` and staging folder of its own (removed if the run fails)
     with publish.reserve(out) as target, tags(*run_tags):
         # metadata only: a family problem (or a full output disk) stops the run before
         # any model is mirrored
-        checked = preflight_merge.submit(resolved, quote(store), quote(out))
+        checked = preflight_merge.submit(resolved, quoted(store), quoted(out))
         checked.result()
-        mirrored = mirror_source.map(quote(source_specs(parsed)), quote(unmapped(store)),
+        mirrored = mirror_source.map(quoted(source_specs(parsed)), quoted(unmapped(store)),
                                      wait_for=[checked])
         sources = resolve_sources.submit(resolved, mirrored)
         results_in_store = result_storage(store)
         # DARE gate: refuses deltas too large for DARE; cached by input fingerprints
         gate = check_deltas.with_options(result_storage=results_in_store).submit(
-            resolved, sources, quote(report.artifact_key(name, "gate")))
+            resolved, sources, quoted(report.artifact_key(name, "gate")))
         verdicts = gate.result()
-        planned = make_plan.submit(resolved, sources, quote(target.staging_uri), quote(store),
+        planned = make_plan.submit(resolved, sources, quoted(target.staging_uri), quoted(store),
                                    wait_for=[gate])
         plan = planned.result()
         unit_task = merge_unit.with_options(result_storage=results_in_store)
@@ -104,19 +107,32 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
         # at the end while the other workers idle; results come back in plan order
         jobs = plan["units"]
         order = sorted(range(len(jobs)), key=lambda i: -jobs[i].get("elements", 0))
-        futures = unit_task.map(quote(unmapped(plan)), quote([jobs[i] for i in order]),
+        futures = unit_task.map(quoted(unmapped(plan)), quoted([jobs[i] for i in order]),
                                 wait_for=[planned])
         done = [futures[order.index(i)] for i in range(len(jobs))]
         results = [f.result() for f in done]
-        manifest = assemble_model.submit(quote(plan), done, quote(out), overwrite,
+        manifest = assemble_model.submit(quoted(plan), done, quoted(out), overwrite,
                                          wait_for=[planned]).result()
-    report_merge.submit(quote(name), quote(out), quote(results), quote(verdicts),
+    report_merge.submit(quoted(name), quoted(out), quoted(results), quoted(verdicts),
                         wait_for=done).result()
     cached = sum(r["cached"] for r in results)
     print(f"merged {len(results) - cached} unit(s), reused {cached} committed unit(s)")
     return {**manifest, "out": out, "cached": {r["unit"]: r["cached"] for r in results},
             "ran_on": {r["unit"]: r.get("ran_on") for r in results},
             "flow_run_id": str(flow_run.id)}
+
+
+def quote_for(task_runner: Any) -> Callable[[Any], Any]:
+    """How the flow passes inputs to tasks on ``task_runner``: quoted
+    (``prefect.utilities.annotations.quote``) where tasks run in this process, so Prefect
+    does not link tasks that pass around the same object (the plan, the recipe, a URI) by
+    identity (its run context maps the ids of every task's result and their items to that
+    task). Tasks on Dask get their inputs as they are: Dask rebuilds Prefect's annotations
+    (named tuples) as plain tuples, and its workers' run contexts hold none of this flow's
+    results, so only futures and ``wait_for`` make edges there."""
+    if isinstance(task_runner, ThreadPoolTaskRunner):
+        return quote
+    return lambda value: value
 
 
 def tag_flow_run(run_tags: list[str]) -> None:

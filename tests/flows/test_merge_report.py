@@ -193,3 +193,33 @@ def test_one_line_failures_keeps_the_traceback_at_debug_level():
         ("DEBUG", "traceback of the error above", True),
         ("ERROR", "Finished in state Failed", False),
     ]
+
+
+def test_inspect_is_a_flow_run_with_its_table_and_plot_as_artifacts(pico_family, tmp_path,
+                                                                      capsys):
+    from safetensors.torch import load_file
+
+    from dareflow.cli import main as cli_main
+
+    store = tmp_path / "store"
+    code = cli_main(["inspect", str(pico_family["base"]), str(pico_family["a"]),
+                     "--store", str(store), "--plot", str(tmp_path / "deltas.png")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    key = "dareflow-inspect-ft-a-vs-base"
+    assert f"Prefect artifacts: {key} (table), {key}-plot (plot)" in printed
+    assert (tmp_path / "deltas.png").read_bytes() == (
+        store / "experiments" / "inspect" / "ft-a-vs-base.png").read_bytes()
+
+    [table] = _artifacts(key)
+    rows = _rows(table)
+    tensors = load_file(pico_family["base"] / "model.safetensors")
+    assert [r["tensor"] for r in rows] == [*sorted(tensors), "(all)"]
+    assert rows[-1]["numel"] == sum(t.numel() for t in tensors.values())
+    assert rows[-1]["abs_p99"] == pytest.approx(0.002, rel=1e-3)  # a = base + 0.002
+    [plot] = _artifacts(key + "-plot")
+    assert plot.type == "image" and plot.data.startswith("data:image/png;base64,iVBORw0KGgo")
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[table.flow_run_id])))
+    assert run.name == "inspect ft-a vs base" and run.state.name == "Completed"
