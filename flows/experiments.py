@@ -48,6 +48,7 @@ def sweep_flow(config: dict[str, Any], store: str | None = None) -> dict[str, An
     Returns:
         ``{"rows": [...], "paths": {...}, "delta_stats": {...}}``.
     """
+    one_line_failures()
     cfg = sweeps.SweepConfig.model_validate(config)
     store = store or default_store()
     uris = resolve_models(cfg.demo_family.model_dump() if cfg.demo_family else None,
@@ -74,6 +75,7 @@ def grid_flow(config: dict[str, Any], store: str | None = None) -> dict[str, Any
     Returns:
         ``{"rows": [...], "selected": {...}, "paths": {...}}``.
     """
+    one_line_failures()
     cfg = sweeps.GridConfig.model_validate(config)
     store = store or default_store()
     uris = resolve_models(cfg.demo_family.model_dump() if cfg.demo_family else None,
@@ -95,6 +97,7 @@ def similarity_flow(config: dict[str, Any], store: str | None = None) -> dict[st
     Returns:
         ``{"rows": [...], "paths": {...}}``.
     """
+    one_line_failures()
     cfg = sweeps.SimilarityConfig.model_validate(config)
     store = store or default_store()
     uris = resolve_models(cfg.demo_family.model_dump() if cfg.demo_family else None,

@@ -1,5 +1,5 @@
 """The Prefect runtime of a dareflow command: its temporary Prefect server, which exits
-when the command's process dies.
+when the command's process dies, and how failures read in a run's log.
 
 Without ``PREFECT_API_URL`` Prefect runs flows against a temporary ("ephemeral") API
 server, a ``uvicorn`` child process started on first use and stopped at interpreter
@@ -11,6 +11,9 @@ the server watches its parent and shuts the server down once the parent is gone.
 watched parent pid rather than ``PR_SET_PDEATHSIG``: that signal follows the *thread*
 that started the child (Prefect may start the server from a worker thread that ends
 long before the command), and it exists on Linux only.
+
+Every dareflow flow also calls :func:`one_line_failures` first: a failure is one line in
+the run's log, not Prefect's three reports of the same exception with their tracebacks.
 
 The temporary server also sends no usage telemetry unless the user asked for it
 (``PREFECT_SERVER_ANALYTICS_ENABLED``): offline, every run printed ``Failed to send
@@ -107,9 +110,9 @@ class OneLineFailures(logging.Filter):
     """One line per failure in a run's log, the traceback at debug level.
 
     Prefect's engine logs a failed task's exception in full with its traceback, again in
-    the task's final state, then again with a longer traceback when the flow run stops,
-    and once more in the flow's final state: a gate refusal (~900 characters) came out
-    four times. Installed on the run loggers (:func:`one_line_failures`):
+    the task's final state, then again with a longer traceback when the flow run stops:
+    a gate refusal (~900 characters) came out three times, twice with a traceback.
+    Installed on the run loggers (:func:`one_line_failures`):
 
     - an error with an exception becomes one line, ``<Type>: <message>`` (newlines
       folded), followed by its traceback as a DEBUG record where the logger allows
