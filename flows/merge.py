@@ -55,10 +55,9 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
 
     The run is named after the recipe and its method and tagged ``method:``, ``recipe:``
     and ``base:``; it publishes a link to the model, its model card, the table of units
-    and the gate's table as artifacts (``dareflow.merge.report``). Task inputs are passed
-    quoted (``prefect.utilities.annotations.quote``): Prefect would otherwise link tasks
-    that share an object (the plan, a string) by identity; the real edges are stated
-    (data passed as futures, ``wait_for``).
+    and the gate's table as artifacts (``dareflow.merge.report``). Its graph holds the
+    true dependencies only: data passed as futures and ``wait_for``, no edges Prefect
+    infers from shared objects (:func:`quote_for`).
 
     Args:
         recipe: The recipe as a mapping (see dareflow.recipe.Recipe).
@@ -84,22 +83,22 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
                                if parsed.base_model else None)
     tag_flow_run(run_tags)
     quoted = quote_for(FlowRunContext.get().task_runner)
-    resolved = quoted(recipe_to_dict(parsed))
+    recipe_in = quoted(recipe_to_dict(parsed))
     # this run's lock on `out` and staging folder of its own (removed if the run fails)
     with publish.reserve(out) as target, tags(*run_tags):
         # metadata only: a family problem (or a full output disk) stops the run before
         # any model is mirrored
-        checked = preflight_merge.submit(resolved, quoted(store), quoted(out))
+        checked = preflight_merge.submit(recipe_in, quoted(store), quoted(out))
         checked.result()
         mirrored = mirror_source.map(quoted(source_specs(parsed)), quoted(unmapped(store)),
                                      wait_for=[checked])
-        sources = resolve_sources.submit(resolved, mirrored)
+        sources = resolve_sources.submit(recipe_in, mirrored)
         results_in_store = result_storage(store)
         # DARE gate: refuses deltas too large for DARE; cached by input fingerprints
         gate = check_deltas.with_options(result_storage=results_in_store).submit(
-            resolved, sources, quoted(report.artifact_key(name, "gate")))
+            recipe_in, sources, quoted(report.artifact_key(name, "gate")))
         verdicts = gate.result()
-        planned = make_plan.submit(resolved, sources, quoted(target.staging_uri), quoted(store),
+        planned = make_plan.submit(recipe_in, sources, quoted(target.staging_uri), quoted(store),
                                    wait_for=[gate])
         plan = planned.result()
         unit_task = merge_unit.with_options(result_storage=results_in_store)
