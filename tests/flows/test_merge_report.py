@@ -75,6 +75,7 @@ def test_merge_run_reads_like_a_report(pico_family, tmp_path):
     run, tasks = _run_and_tasks(first["flow_run_id"])
     assert run.name == "pico-report (dare_ties)"
     assert {"method:dare_ties", "recipe:pico-report", "base:base"} <= set(run.tags)
+    assert run.parameters["recipe"]["name"] == "pico-report"  # tagging kept the parameters
     assert set(tasks) == {"preflight", "mirror-base", "mirror-ft-a", "mirror-ft-b",
                           "resolve-sources", "check-deltas", "plan-merge", *UNITS,
                           "assemble-model", "report-merge"}
