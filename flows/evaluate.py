@@ -15,6 +15,7 @@ from dareflow.evaluation.backends import DEFAULT_TIMEOUT_S, BackendOptions, plan
 from dareflow.evaluation.checks import check_request
 from dareflow.evaluation.suite import suite_path
 from dareflow.flows.merge import result_storage
+from dareflow.flows.runtime import one_line_failures
 from dareflow.settings import default_store
 from dareflow.tasks.evaluate import (
     evaluate_benchmark,
@@ -73,6 +74,7 @@ def evaluate_flow(models: dict[str, str], suite: str = "openllm_v1", limit: int 
     Returns:
         URIs of the files written, the comparison rows, the markdown and the failures.
     """
+    one_line_failures()
     parsed = check_request(models, suite, limit=limit, backend=backend, mirror=mirror,
                            merged=merged)
     options = BackendOptions(tensor_parallel_size, data_parallel_size, max_model_len,

@@ -7,6 +7,8 @@
   VALIDATION split and reported on the TEST split.
 * ``similarity_flow``: layer-by-layer hidden-state similarity of a fine-tune and its
   DARE / DropOnly versions (Figures 6, 7).
+* ``inspect_flow``: delta statistics of one fine-tune against its base (Table 6), what
+  ``dareflow inspect`` runs.
 
 Every point is a merge through the content-addressed unit cache and every evaluation is
 cached by content key (``src/dareflow/experiments/sweeps.py``), so a rerun or an overlapping sweep computes
@@ -18,9 +20,12 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from dareflow.delta_stats import DEFAULT_OVERALL_SAMPLE
 from dareflow.experiments import sweeps
 from dareflow.experiments.representation import calibration_prompts
+from dareflow.flows.runtime import one_line_failures
 from dareflow.io import storage
+from dareflow.recipe import mask_id
 from dareflow.settings import default_store
 from dareflow.tasks.experiments import (
     evaluate_point,
@@ -43,6 +48,7 @@ def sweep_flow(config: dict[str, Any], store: str | None = None) -> dict[str, An
     Returns:
         ``{"rows": [...], "paths": {...}, "delta_stats": {...}}``.
     """
+    one_line_failures()
     cfg = sweeps.SweepConfig.model_validate(config)
     store = store or default_store()
     uris = resolve_models(cfg.demo_family.model_dump() if cfg.demo_family else None,
@@ -69,6 +75,7 @@ def grid_flow(config: dict[str, Any], store: str | None = None) -> dict[str, Any
     Returns:
         ``{"rows": [...], "selected": {...}, "paths": {...}}``.
     """
+    one_line_failures()
     cfg = sweeps.GridConfig.model_validate(config)
     store = store or default_store()
     uris = resolve_models(cfg.demo_family.model_dump() if cfg.demo_family else None,
@@ -90,6 +97,7 @@ def similarity_flow(config: dict[str, Any], store: str | None = None) -> dict[st
     Returns:
         ``{"rows": [...], "paths": {...}}``.
     """
+    one_line_failures()
     cfg = sweeps.SimilarityConfig.model_validate(config)
     store = store or default_store()
     uris = resolve_models(cfg.demo_family.model_dump() if cfg.demo_family else None,
@@ -103,6 +111,44 @@ def similarity_flow(config: dict[str, Any], store: str | None = None) -> dict[st
     paths = report(rows, _out(store, "similarity", cfg.name), "similarity",
                    f"{cfg.name}: {cfg.finetuned} vs its DARE / DropOnly versions")
     return {"rows": rows, "paths": paths}
+
+
+def inspect_run_name() -> str:
+    """``inspect <fine-tune> vs <base>`` (model ids without their locations)."""
+    from prefect.runtime import flow_run  # the parameters of the run being named
+
+    params = flow_run.parameters
+    return f"inspect {mask_id(params['finetuned'])} vs {mask_id(params['base'])}"
+
+
+@flow(name="dare-inspect", flow_run_name=inspect_run_name)
+def inspect_flow(base: str, finetuned: str, store: str | None = None,
+                 sample: int = DEFAULT_OVERALL_SAMPLE,
+                 max_rows: int | None = 40) -> dict[str, Any]:
+    """Delta statistics of a fine-tune against its base (the paper's Table 6): CSV,
+    parquet and PNG in ``{store}/experiments/inspect/<fine-tune>-vs-<base>``, and as
+    Prefect artifacts, a table and the plot, keyed by the pair
+    (``dareflow-inspect-<fine-tune>-vs-<base>``).
+
+    Args:
+        base: Base model folder or URI.
+        finetuned: Fine-tuned model folder or URI.
+        store: Artifact store (default ``$DAREFLOW_STORE`` or ~/.cache/dareflow).
+        sample: Pooled sample size of the overall percentiles (exact below it).
+        max_rows: Tensors in the returned text table (the worst; None: all).
+
+    Returns:
+        ``{"paths", "overall", "gate", "table", "artifact_key"}``.
+    """
+    one_line_failures()
+    store = store or default_store()
+    pair = f"{mask_id(finetuned)}-vs-{mask_id(base)}"
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in pair)  # a file name
+    key = "dareflow-inspect-" + "-".join(
+        "".join(c if c.isalnum() else " " for c in pair.lower()).split())[:80]
+    result = inspect_deltas(base, finetuned, _out(store, "inspect", name), sample=sample,
+                            artifact_key=key, max_rows=max_rows)
+    return {**result, "artifact_key": key}
 
 
 def run_experiment(kind: str, config_path: str, *, store: str | None = None) -> dict[str, Any]:

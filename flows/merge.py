@@ -10,15 +10,19 @@ one shard) → assemble and publish the HF folder.
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow, get_client, tags, unmapped
+from prefect.context import FlowRunContext
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
-from dareflow.flows.runtime import guard_temporary_server
-from dareflow.merge import output, publish
+from dareflow.flows.runtime import guard_temporary_server, one_line_failures
+from dareflow.merge import output, publish, report
 from dareflow.merge.plan import warm_up_kernels
-from dareflow.recipe import load_recipe, parse_recipe, recipe_to_dict
+from dareflow.recipe import load_recipe, mask_id, parse_recipe, recipe_to_dict
 from dareflow.settings import default_store
 from dareflow.sources import source_specs
 from dareflow.tasks.experiments import check_deltas
@@ -28,6 +32,7 @@ from dareflow.tasks.merge import (
     merge_unit,
     mirror_source,
     preflight_merge,
+    report_merge,
     resolve_sources,
 )
 
@@ -35,10 +40,24 @@ from dareflow.tasks.merge import (
 DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
-@flow(name="dare-merge", task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_WORKERS))
+def merge_run_name() -> str:
+    """The flow run's name, from its parameters: ``<recipe name> (<method>)``
+    (``dareflow.merge.report.run_name``)."""
+    params = flow_run.parameters
+    return report.run_name(params["recipe"], params["out"])
+
+
+@flow(name="dare-merge", flow_run_name=merge_run_name,
+      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_WORKERS))
 def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
                overwrite: bool = False) -> dict[str, Any]:
     """Merge the models of ``recipe`` into an HF folder at ``out``.
+
+    The run is named after the recipe and its method and tagged ``method:``, ``recipe:``
+    and ``base:``; it publishes a link to the model, its model card, the table of units
+    and the gate's table as artifacts (``dareflow.merge.report``). Its graph holds the
+    true dependencies only: data passed as futures and ``wait_for``, no edges Prefect
+    infers from shared objects (:func:`quote_for`).
 
     Args:
         recipe: The recipe as a mapping (see dareflow.recipe.Recipe).
@@ -50,37 +69,77 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
         overwrite: Replace an existing output once the new merge is complete.
 
     Returns:
-        The manifest written next to the model, plus ``out`` and per-unit ``cached``.
+        The manifest written next to the model, plus ``out``, per-unit ``cached`` and
+        ``ran_on``, and the ``flow_run_id``.
     """
+    one_line_failures()
     parsed = parse_recipe(recipe, "recipe")
     warm_up_kernels(parsed)
     store = store or default_store()
     output.check_output(out, overwrite=overwrite, inputs=output.input_locations(parsed),
                         store_uri=store)
+    name = report.merge_name(recipe, out)
+    run_tags = report.run_tags(recipe, out, mask_id(parsed.base_model)
+                               if parsed.base_model else None)
+    tag_flow_run(run_tags)
+    quoted = quote_for(FlowRunContext.get().task_runner)
+    recipe_in = quoted(recipe_to_dict(parsed))
     # this run's lock on `out` and staging folder of its own (removed if the run fails)
-    with publish.reserve(out) as target:
+    with publish.reserve(out) as target, tags(*run_tags):
         # metadata only: a family problem (or a full output disk) stops the run before
         # any model is mirrored
-        preflight_merge(recipe_to_dict(parsed), store, out)
-        mirrored = mirror_source.map(source_specs(parsed), unmapped(store)).result()
-        sources = resolve_sources(recipe_to_dict(parsed), mirrored)
+        checked = preflight_merge.submit(recipe_in, quoted(store), quoted(out))
+        checked.result()
+        mirrored = mirror_source.map(quoted(source_specs(parsed)), quoted(unmapped(store)),
+                                     wait_for=[checked])
+        sources = resolve_sources.submit(recipe_in, mirrored)
         results_in_store = result_storage(store)
         # DARE gate: refuses deltas too large for DARE; cached by input fingerprints
-        check_deltas.with_options(result_storage=results_in_store)(recipe_to_dict(parsed),
-                                                                   sources)
-        plan = make_plan(recipe_to_dict(parsed), sources, target.staging_uri, store)
+        gate = check_deltas.with_options(result_storage=results_in_store).submit(
+            recipe_in, sources, quoted(report.artifact_key(name, "gate")))
+        verdicts = gate.result()
+        planned = make_plan.submit(recipe_in, sources, quoted(target.staging_uri), quoted(store),
+                                   wait_for=[gate])
+        plan = planned.result()
         unit_task = merge_unit.with_options(result_storage=results_in_store)
         # largest units first (embeddings, output head): no big unit left running alone
         # at the end while the other workers idle; results come back in plan order
         jobs = plan["units"]
         order = sorted(range(len(jobs)), key=lambda i: -jobs[i].get("elements", 0))
-        done = unit_task.map(unmapped(plan), [jobs[i] for i in order]).result()
-        results = [done[order.index(i)] for i in range(len(jobs))]
-        manifest = assemble_model(plan, results, out, overwrite)
+        futures = unit_task.map(quoted(unmapped(plan)), quoted([jobs[i] for i in order]),
+                                wait_for=[planned])
+        done = [futures[order.index(i)] for i in range(len(jobs))]
+        results = [f.result() for f in done]
+        manifest = assemble_model.submit(quoted(plan), done, quoted(out), overwrite,
+                                         wait_for=[planned]).result()
+    report_merge.submit(quoted(name), quoted(out), quoted(results), quoted(verdicts),
+                        wait_for=done).result()
     cached = sum(r["cached"] for r in results)
     print(f"merged {len(results) - cached} unit(s), reused {cached} committed unit(s)")
     return {**manifest, "out": out, "cached": {r["unit"]: r["cached"] for r in results},
-            "ran_on": {r["unit"]: r.get("ran_on") for r in results}}
+            "ran_on": {r["unit"]: r.get("ran_on") for r in results},
+            "flow_run_id": str(flow_run.id)}
+
+
+def quote_for(task_runner: Any) -> Callable[[Any], Any]:
+    """How the flow passes inputs to tasks on ``task_runner``: quoted
+    (``prefect.utilities.annotations.quote``) where tasks run in this process, so Prefect
+    does not link tasks that pass around the same object (the plan, the recipe, a URI) by
+    identity (its run context maps the ids of every task's result and their items to that
+    task). Tasks on Dask get their inputs as they are: Dask rebuilds Prefect's annotations
+    (named tuples) as plain tuples, and its workers' run contexts hold none of this flow's
+    results, so only futures and ``wait_for`` make edges there."""
+    if isinstance(task_runner, ThreadPoolTaskRunner):
+        return quote
+    return lambda value: value
+
+
+def tag_flow_run(run_tags: list[str]) -> None:
+    """Add ``run_tags`` to this flow run's tags in the API (a run started by a deployment
+    keeps the deployment's), so the runs list can be filtered by method, recipe and base."""
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+        client.update_flow_run(run.id, tags=sorted(set(run.tags) | set(run_tags)))
 
 
 def result_storage(store: str):

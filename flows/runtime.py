@@ -1,5 +1,5 @@
 """The Prefect runtime of a dareflow command: its temporary Prefect server, which exits
-when the command's process dies.
+when the command's process dies, and how failures read in a run's log.
 
 Without ``PREFECT_API_URL`` Prefect runs flows against a temporary ("ephemeral") API
 server, a ``uvicorn`` child process started on first use and stopped at interpreter
@@ -12,11 +12,16 @@ watched parent pid rather than ``PR_SET_PDEATHSIG``: that signal follows the *th
 that started the child (Prefect may start the server from a worker thread that ends
 long before the command), and it exists on Linux only.
 
+Every dareflow flow also calls :func:`one_line_failures` first: a failure is one line in
+the run's log, not Prefect's three reports of the same exception with their tracebacks.
+
 The temporary server also sends no usage telemetry unless the user asked for it
 (``PREFECT_SERVER_ANALYTICS_ENABLED``): offline, every run printed ``Failed to send
 telemetry``.
 """
 
+import collections
+import logging
 import os
 import signal
 import subprocess
@@ -95,6 +100,79 @@ def watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(SHUTDOWN_GRACE_S)
     os._exit(1)
+
+
+#: Prefect's loggers of flow and task runs: what a run's log in the UI shows.
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class OneLineFailures(logging.Filter):
+    """One line per failure in a run's log, the traceback at debug level.
+
+    Prefect's engine logs a failed task's exception in full with its traceback, again in
+    the task's final state, then again with a longer traceback when the flow run stops:
+    a gate refusal (~900 characters) came out three times, twice with a traceback.
+    Installed on the run loggers (:func:`one_line_failures`):
+
+    - an error with an exception becomes one line, ``<Type>: <message>`` (newlines
+      folded), followed by its traceback as a DEBUG record where the logger allows
+      debug (``PREFECT_LOGGING_LEVEL=DEBUG``);
+    - the flow run's report of an exception a task already reported in this process
+      names the task instead of repeating the message;
+    - ``Finished in state Failed(...)`` / ``Crashed(...)`` keeps its state name only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # (type, message) -> task run name, of the exceptions tasks reported lately
+        self._reported: collections.OrderedDict[tuple[str, str], str] = (
+            collections.OrderedDict())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.name.startswith(RUN_LOGGERS):
+            return True
+        if str(record.msg).startswith(("Finished in state Failed", "Finished in state Crashed")):
+            state = str(record.msg).split("(", 1)[0].removeprefix("Finished in state ")
+            record.msg, record.args = f"Finished in state {state.strip()}", ()
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        logger = logging.getLogger(record.name)
+        logger.callHandlers(self._one_line(record, exc))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.callHandlers(logging.makeLogRecord({
+                **record.__dict__, "levelno": logging.DEBUG, "levelname": "DEBUG",
+                "msg": "traceback of the error above", "args": ()}))
+        return False
+
+    def _one_line(self, record: logging.LogRecord, exc: BaseException) -> logging.LogRecord:
+        text = " ".join(str(exc).split("\n")).strip()
+        ident = (type(exc).__name__, text)
+        task = getattr(record, "task_run_name", None)
+        if record.name.startswith("prefect.task_runs") and task:
+            self._reported[ident] = task
+            while len(self._reported) > 64:
+                self._reported.popitem(last=False)
+            line = f"{type(exc).__name__}: {text}"
+        elif ident in self._reported:
+            line = (f"stopped: task run {self._reported[ident]!r} failed with "
+                    f"{type(exc).__name__} (its message is in its log)")
+        else:
+            line = f"{type(exc).__name__}: {text}"
+        return logging.makeLogRecord({**record.__dict__, "msg": line, "args": (),
+                                      "exc_info": None, "exc_text": None})
+
+
+def one_line_failures() -> None:
+    """Install :class:`OneLineFailures` on the run loggers of this process (once)."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineFailures) for f in logger.filters):
+            logger.addFilter(_FAILURES)
+
+
+_FAILURES = OneLineFailures()
 
 
 def main(argv: list[str]) -> None:

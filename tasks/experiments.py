@@ -5,18 +5,25 @@ and ``dareflow.experiments.representation``. They pass URIs and small records, n
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import asdict
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NONE
 
 from dareflow import delta_stats
 from dareflow.experiments import representation, sweeps
+from dareflow.io import storage
 from dareflow.io.checkpoints import Checkpoint
+from dareflow.merge import report as merge_report
 from dareflow.recipe import GateConfig, parse_recipe
 
 #: Bump when the gate's statistics or verdict logic change.
@@ -42,12 +49,22 @@ def gate_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"dareflow-gate-{digest}"
 
 
-@task(name="check-deltas", cache_key_fn=gate_cache_key, persist_result=True)
-def check_deltas(recipe: dict[str, Any], sources: dict[str, Any]) -> list[dict[str, Any]]:
+@task(name="check-deltas", cache_key_fn=gate_cache_key, persist_result=True,
+      task_run_name="check-deltas")
+def check_deltas(recipe: dict[str, Any], sources: dict[str, Any],
+                 gate_key: str | None = None) -> list[dict[str, Any]]:
     """The DARE applicability gate: estimate each fine-tune's delta statistics against
-    the base; raise (mode refuse) or log a warning (mode warn) when they are too large."""
-    verdicts = delta_stats.check_gate(parse_recipe(recipe, "<recipe>"), sources["base_uri"],
-                                      sources["model_uris"])
+    the base; raise (mode refuse) or log a warning (mode warn) when they are too large.
+    With ``gate_key``, a refusal first publishes the gate's table under that key (a
+    passing gate's table is the merge report's: this task may come from the cache)."""
+    parsed = parse_recipe(recipe, "<recipe>")
+    verdicts = delta_stats.measure_gate(parsed, sources["base_uri"], sources["model_uris"])
+    try:
+        delta_stats.enforce_gate(parsed, verdicts)
+    except ValueError:
+        if gate_key:
+            publish_gate_table([asdict(v) for v in verdicts], gate_key, refused=True)
+        raise
     logger = get_run_logger()
     for v in verdicts:
         if v.passed:
@@ -58,6 +75,15 @@ def check_deltas(recipe: dict[str, Any], sources: dict[str, Any]) -> list[dict[s
     return [asdict(v) for v in verdicts]
 
 
+def publish_gate_table(verdicts: list[dict[str, Any]], key: str, *, refused: bool) -> None:
+    """The gate's verdicts as a Prefect table artifact (model, |delta| p99, relative norm,
+    verdict)."""
+    create_table_artifact(
+        table=merge_report.gate_rows(verdicts), key=key,
+        description=("DARE applicability gate: refused the merge" if refused
+                     else "DARE applicability gate"))
+
+
 @task(name="resolve-models", cache_policy=NONE)
 def resolve_models(demo_family: dict[str, Any] | None, names: list[str]) -> dict[str, str]:
     """Config model names → checkpoint URIs (building the demo family once if asked)."""
@@ -65,19 +91,40 @@ def resolve_models(demo_family: dict[str, Any] | None, names: list[str]) -> dict
     return sweeps.resolve_models(spec, names, progress=get_run_logger().info)
 
 
-@task(name="inspect-deltas", cache_policy=NONE)
-def inspect_deltas(base_uri: str, finetuned_uri: str, out_stem: str) -> dict[str, Any]:
-    """Delta statistics of one pair (exact per tensor), written as CSV + PNG, with the
-    gate's verdict at its default thresholds."""
-    stats = delta_stats.delta_stats(base_uri, finetuned_uri)
+@task(name="inspect-deltas", cache_policy=NONE, task_run_name="inspect-deltas")
+def inspect_deltas(base_uri: str, finetuned_uri: str, out_stem: str,
+                   sample: int = delta_stats.DEFAULT_OVERALL_SAMPLE,
+                   artifact_key: str | None = None,
+                   max_rows: int | None = 40) -> dict[str, Any]:
+    """Delta statistics of one pair (exact per tensor), written as CSV + parquet + PNG,
+    with the gate's verdict at its default thresholds. With ``artifact_key``, also
+    published as Prefect artifacts: the table (``<key>``, every tensor and ``(all)``) and
+    the plot (``<key>-plot``, an image embedded as a data URI).
+
+    Returns:
+        ``{"paths", "overall", "gate", "table"}``: ``table`` is the text table (the
+        ``max_rows`` worst tensors and ``(all)``; None: every tensor).
+    """
+    stats = delta_stats.delta_stats(base_uri, finetuned_uri, overall_sample=sample)
     gate = GateConfig()
     verdict = delta_stats.gate_verdict(finetuned_uri, base_uri, stats,
                                        max_abs_delta_p99=gate.max_abs_delta_p99,
                                        max_relative_norm=gate.max_relative_norm)
-    paths = sweeps.write_table(stats.to_frame(), out_stem)
+    frame = stats.to_frame()
+    paths = sweeps.write_table(frame, out_stem)
     paths["plot"] = delta_stats.plot_delta_stats(stats, out_stem + ".png")
+    text = delta_stats.format_table(stats, max_rows=max_rows)
     get_run_logger().info("delta statistics:\n%s", delta_stats.format_table(stats, max_rows=8))
-    return {"paths": paths, "overall": stats.overall.row(), "gate": asdict(verdict)}
+    if artifact_key:
+        title = f"{finetuned_uri} vs {base_uri}"
+        create_table_artifact(table=frame.round(6).to_dict(orient="records"), key=artifact_key,
+                              description=f"delta statistics: {title}")
+        png = base64.b64encode(storage.read_bytes(paths["plot"])).decode()
+        create_image_artifact(image_url=f"data:image/png;base64,{png}",
+                              key=artifact_key + "-plot",
+                              description=f"delta statistics plot: {title}")
+    return {"paths": paths, "overall": stats.overall.row(), "gate": asdict(verdict),
+            "table": text}
 
 
 @task(name="merge-point", cache_policy=NONE, task_run_name="merge-{recipe[merge_method]}")

@@ -12,15 +12,24 @@ import time
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
+from prefect.states import Completed
 
 from dareflow.errors import is_transient
-from dareflow.merge import output, publish, units
+from dareflow.io import storage
+from dareflow.merge import output, publish, report, units
+from dareflow.merge.assemble import README_NAME
 from dareflow.merge.plan import MergePlan, UnitJob, plan_merge
 from dareflow.merge.preflight import preflight
-from dareflow.recipe import parse_recipe
+from dareflow.recipe import mask_id, parse_recipe
 from dareflow.sources import collect_sources, mirror_model
+from dareflow.tasks.experiments import publish_gate_table
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -30,7 +39,7 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(name="preflight", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=_transient)
+      retry_condition_fn=_transient, task_run_name="preflight")
 def preflight_merge(recipe: dict[str, Any], store_uri: str, out_uri: str) -> dict[str, Any]:
     """Check the recipe's models from metadata only (dareflow.merge.preflight), before any
     model is mirrored; raises what the plan would raise (every family problem)."""
@@ -46,8 +55,13 @@ def preflight_merge(recipe: dict[str, Any], store_uri: str, out_uri: str) -> dic
     return summary
 
 
+def _mirror_run_name(parameters: dict[str, Any]) -> str:
+    """``mirror-<model id>``: the model's name without its location (``mask_id``)."""
+    return f"mirror-{mask_id(parameters['spec']['model'])}"
+
+
 @task(name="mirror-source", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=_transient, task_run_name="mirror-{spec[role]}")
+      retry_condition_fn=_transient, task_run_name=_mirror_run_name)
 def mirror_source(spec: dict[str, Any], store_uri: str) -> dict[str, Any]:
     """Pin one model to a revision and mirror it into the store once (dareflow.sources.mirror)."""
     record = mirror_model(spec, store_uri)
@@ -59,13 +73,13 @@ def mirror_source(spec: dict[str, Any], store_uri: str) -> dict[str, Any]:
     return record
 
 
-@task(name="resolve-sources", cache_policy=NONE)
+@task(name="resolve-sources", cache_policy=NONE, task_run_name="resolve-sources")
 def resolve_sources(recipe: dict[str, Any], mirrored: list[dict[str, Any]]) -> dict[str, Any]:
     """Join the mirrored models into base/model URIs and the recorded sources list."""
     return collect_sources(parse_recipe(recipe, "<recipe>"), mirrored)
 
 
-@task(name="plan-merge", cache_policy=NONE)
+@task(name="plan-merge", cache_policy=NONE, task_run_name="plan-merge")
 def make_plan(recipe: dict[str, Any], sources: dict[str, Any], work_uri: str,
               store_uri: str) -> dict[str, Any]:
     """Read headers, check the family, split into layer units with content keys."""
@@ -102,14 +116,23 @@ def _job(unit: dict[str, Any]) -> UnitJob:
     return UnitJob(unit["unit"], tuple(unit["tensors"]), unit["key"])
 
 
+def _unit_run_name(parameters: dict[str, Any]) -> str:
+    """``merge-layer_003``, ``merge-embeddings``; the final unit by what it holds
+    (``merge-norm+lm_head``)."""
+    unit = parameters["unit"]
+    return f"merge-{report.unit_label(unit['unit'], unit['tensors'])}"
+
+
 @task(name="merge-unit", cache_key_fn=unit_cache_key, persist_result=True,
-      task_run_name="merge-{unit[unit]}")
-def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
+      task_run_name=_unit_run_name)
+def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> Any:
     """DARE + fusion of one layer unit; writes its shard and returns its record.
 
     The record (Prefect caches it in the store) locates the shard relative to the store
     (``path``), never by URI: a moved or copied store stays valid. Readers locate it
-    with ``units.in_store(record, store_uri)``.
+    with ``units.in_store(record, store_uri)``. A unit already committed in the store
+    (the first rerun: Prefect holds no cache record of it yet) ends in a Completed state
+    named Cached, as Prefect's own cache hits do on later reruns.
     """
     started = time.perf_counter()
     merge_plan, job = MergePlan.from_dict(plan), _job(unit)
@@ -117,16 +140,22 @@ def merge_unit(plan: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
         result = units.merge_unit(merge_plan, job)
     finally:  # a failed unit must not keep its lease (others would wait for it)
         units.release_unit(merge_plan, job)
+    seconds = time.perf_counter() - started
     get_run_logger().info(
         "unit %s: %s, %d tensors, %.1f MB in %.2f s", unit["unit"],
         "already committed" if result["cached"] else "merged", len(unit["tensors"]),
-        result["nbytes"] / 1e6, time.perf_counter() - started,
+        result["nbytes"] / 1e6, seconds,
     )
     # host:pid of the process that ran it: shows how units spread over (Dask) workers.
-    return {**units.store_relative(result), "ran_on": f"{socket.gethostname()}:{os.getpid()}"}
+    record = {**units.store_relative(result), "seconds": seconds,
+              "ran_on": f"{socket.gethostname()}:{os.getpid()}"}
+    if result["cached"]:
+        return Completed(data=record, name="Cached",
+                         message=f"unit {unit['unit']} already committed in the store")
+    return record
 
 
-@task(name="assemble-model", cache_policy=NONE)
+@task(name="assemble-model", cache_policy=NONE, task_run_name="assemble-model")
 def assemble_model(plan: dict[str, Any], results: list[dict[str, Any]], out_uri: str,
                    overwrite: bool = False) -> dict[str, Any]:
     """Copy the shards, write index, config, tokenizer, model card and manifest into the
@@ -138,3 +167,31 @@ def assemble_model(plan: dict[str, Any], results: list[dict[str, Any]], out_uri:
     publish.publish(plan["work_uri"], out_uri, overwrite=overwrite)
     get_run_logger().info("published merged model to %s", out_uri)
     return manifest
+
+
+@task(name="report-merge", cache_policy=NONE, task_run_name="report-merge")
+def report_merge(name: str, out_uri: str, results: list[dict[str, Any]],
+                 verdicts: list[dict[str, Any]]) -> dict[str, str]:
+    """Publish the merge as Prefect artifacts under keys stable per recipe
+    (``report.artifact_key``): a link to the model, its model card (the resolved
+    recipe), the table of units and, when the gate measured, its table.
+
+    Returns:
+        ``{kind: artifact key}``.
+    """
+    keys = {kind: report.artifact_key(name, kind) for kind in ("model", "card", "units", "gate")}
+    create_link_artifact(link=report.link_of(out_uri), link_text=out_uri, key=keys["model"],
+                         description=f"merged model {name}")
+    card = storage.read_bytes(storage.join(out_uri, README_NAME)).decode()
+    create_markdown_artifact(markdown=report.card_markdown(card), key=keys["card"],
+                             description=f"model card of {name} (the resolved recipe)")
+    rows = report.units_rows(results)
+    reused = sum(r["status"] == "reused" for r in rows)
+    create_table_artifact(table=rows, key=keys["units"],
+                          description=f"{name}: {len(rows) - reused} unit(s) merged, "
+                                      f"{reused} reused")
+    if verdicts:
+        publish_gate_table(verdicts, keys["gate"], refused=False)
+    else:
+        del keys["gate"]
+    return keys

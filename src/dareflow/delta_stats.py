@@ -419,10 +419,11 @@ def gate_verdict(model: str, base_model: str, stats: DeltaStats, *, max_abs_delt
         f"DARE does not apply to '{model}' measured against base '{base_model}': "
         f"{'; '.join(problems)} (SFT deltas are mostly within 0.002-0.005, the DARE paper "
         f"§4.6). Worst tensors: {worst}. This looks like continued pre-training or a "
-        "different base: merge against the model it was fine-tuned from (for "
-        "WizardCoder-Python: CodeLlama-Python, not Llama-2).{hint} To merge anyway set "
-        "gate: {mode: warn} (or off) in the recipe; see `dareflow inspect BASE MODEL`."
-    ).replace("{hint}", hint)
+        f"different base: merge '{model}' against the model it was fine-tuned from, not "
+        f"against '{base_model}'.{hint} To merge anyway set "
+        "gate: {mode: warn} (or off) in the recipe; see "
+        f"`dareflow inspect {base_model} {model}`."
+    )
     return GateVerdict(model, False, o.abs_p99, o.relative_norm, message)
 
 
@@ -516,11 +517,8 @@ def models_to_gate(method: str, methods: Iterable[str]) -> bool:
 
 
 def check_gate(recipe: Any, base_uri: str | None, model_uris: dict[str, str]) -> list[GateVerdict]:
-    """Run the applicability gate of a recipe (``dareflow.recipe.Recipe``) on its sources.
-
-    Skipped (returns ``[]``) when the gate is off or the recipe's method is not one it
-    applies to (default: DARE methods). Reads ``gate.sample_elements`` elements per
-    tensor of the base and of each fine-tune (``read_sample``).
+    """Run the applicability gate of a recipe (``dareflow.recipe.Recipe``) on its sources:
+    :func:`measure_gate`, then :func:`enforce_gate`.
 
     Returns:
         One verdict per fine-tuned model (failures only warn in ``mode: warn``).
@@ -528,6 +526,19 @@ def check_gate(recipe: Any, base_uri: str | None, model_uris: dict[str, str]) ->
     Raises:
         ValueError: ``mode: refuse`` and a model fails; the message lists every failing
             model with its worst tensors and the fix.
+    """
+    verdicts = measure_gate(recipe, base_uri, model_uris)
+    enforce_gate(recipe, verdicts)
+    return verdicts
+
+
+def measure_gate(recipe: Any, base_uri: str | None,
+                 model_uris: dict[str, str]) -> list[GateVerdict]:
+    """The gate's verdict on each fine-tune of a recipe, without acting on it.
+
+    Skipped (returns ``[]``) when the gate is off or the recipe's method is not one it
+    applies to (default: DARE methods). Reads ``gate.sample_elements`` elements per
+    tensor of the base and of each fine-tune (``read_sample``).
     """
     gate = recipe.gate or GateConfig()
     if gate.mode == "off" or recipe.merge_method not in gate.methods or base_uri is None:
@@ -540,7 +551,12 @@ def check_gate(recipe: Any, base_uri: str | None, model_uris: dict[str, str]) ->
             max_abs_delta_p99=gate.max_abs_delta_p99,
             max_relative_norm=gate.max_relative_norm, declared_base=declared_base(uri),
         ))
-    failed = [v for v in verdicts if not v.passed]
-    if failed and gate.mode == "refuse":
-        raise ValueError("\n".join(v.message for v in failed))
     return verdicts
+
+
+def enforce_gate(recipe: Any, verdicts: list[GateVerdict]) -> None:
+    """Raise ValueError listing every failing model (its worst tensors and the fix) when
+    the recipe's gate is in mode ``refuse``; nothing in modes ``warn`` and ``off``."""
+    failed = [v for v in verdicts if not v.passed]
+    if failed and (recipe.gate or GateConfig()).mode == "refuse":
+        raise ValueError("\n".join(v.message for v in failed))

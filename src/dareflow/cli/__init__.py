@@ -35,7 +35,7 @@ COMMANDS = (merge, plan, validate, evaluate, mirror, ls, demo, inspect_deltas, e
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, PermissionError,
                    OSError)
 #: Subcommand modules whose commands run Prefect flows.
-FLOW_COMMANDS = (merge, evaluate, demo, experiments)
+FLOW_COMMANDS = (merge, evaluate, demo, experiments, inspect_deltas)
 DEBUG_HELP = "print full tracebacks (Prefect's and the error's) instead of one error: line"
 
 
