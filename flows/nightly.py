@@ -103,7 +103,8 @@ def nightly_flow(recipe: str, store: str | None = None, suite: str = "demo_skill
     reused = sum(bool(c) for c in manifest["cached"].values())
     merged_units = len(manifest["cached"]) - reused
 
-    models = merge_eval_models(manifest, out)
+    # store URIs: the evaluation copies models in an object store to its own machine
+    models = {**merge_eval_models(manifest, "merged"), "merged": out}
     results_uri = storage.join(store, "results", f"nightly-{name}-{run_id}")
     where = _evaluate(evaluation, {
         "models": models, "suite": suite, "limit": limit, "backend": backend,
