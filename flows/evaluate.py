@@ -13,6 +13,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dareflow.evaluation.backends import DEFAULT_TIMEOUT_S, BackendOptions, plan_here
 from dareflow.evaluation.checks import check_request
+from dareflow.evaluation.local import local_models
 from dareflow.evaluation.suite import suite_path
 from dareflow.flows.merge import result_storage
 from dareflow.flows.runtime import one_line_failures
@@ -51,7 +52,8 @@ def evaluate_flow(models: dict[str, str], suite: str = "openllm_v1", limit: int 
     """Evaluate each model on each benchmark of ``suite`` and compare them.
 
     Args:
-        models: ``{label: local model folder}``; the labels name the table rows.
+        models: ``{label: model folder}``, local or in an object store (``s3://``, copied
+            to this machine's cache first); the labels name the table rows.
         suite: suite name (``configs/suites/<name>.yaml``) or file.
         limit: documents per benchmark (per subject for MMLU); None for all.
         backend: ``hf`` (transformers, CPU or GPU) or ``vllm`` (GPU).
@@ -75,6 +77,7 @@ def evaluate_flow(models: dict[str, str], suite: str = "openllm_v1", limit: int 
         URIs of the files written, the comparison rows, the markdown and the failures.
     """
     one_line_failures()
+    models = local_models(models)
     parsed = check_request(models, suite, limit=limit, backend=backend, mirror=mirror,
                            merged=merged)
     options = BackendOptions(tensor_parallel_size, data_parallel_size, max_model_len,
