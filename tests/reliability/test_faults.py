@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,7 +137,9 @@ def test_full_store_fails_clearly_and_marks_no_half_written_unit_done(
     assert "the store is full (OSError: [Errno 28] No space left on device); free space " \
            "there, or point the store elsewhere (--store or DAREFLOW_STORE) and run " \
            "again: committed units are kept" in msg, msg
-    assert f"cannot write '{tiny_store}/" in msg
+    # the flow raises the failure of one of the units that did not fit: whether it failed
+    # creating its lock file or writing its shard depends on which unit it is
+    assert re.search(rf"cannot (write|create) '{re.escape(str(tiny_store))}/", msg), msg
     assert not out.exists() and not list(tmp_path.glob("out.partial*"))
     # every commit record points at a complete shard; no temporary file is left behind
     for sidecar in tiny_store.glob("units/*/*.json"):
