@@ -135,3 +135,14 @@ def test_mirror_choice_counts(tmp_path: Path) -> None:
     assert mirror_choice_counts(tmp_path, "arc_challenge", 3) == [4, 3, 4]
     assert mirror_choice_counts(tmp_path, "arc_challenge", None) == [4, 3, 4, 2]
     assert mirror_choice_counts(tmp_path, "hellaswag", 10) == [4]
+
+
+def test_negative_limit_is_refused_before_any_download(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.real_lm_offline import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--limit-arc", "-3"])
+    assert exc.value.code == 2
+    assert ("--limit-arc -3: give a number of documents >= 1, or 0 for all"
+            in capsys.readouterr().err)
