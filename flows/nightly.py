@@ -1,9 +1,9 @@
 """The nightly flow of one recipe: merge, evaluate, append the history, compare: wiring only.
 
-merge flow (subflow, into ``{store}/models/<recipe name>``, reusing committed layer units)
-→ evaluation of merged + base + sources (the ``evaluation`` deployment's run on the
-evaluation pool, or the evaluate flow in this process when none is given; cached results are
-reused) → one row per (model, task, metric) appended to ``{store}/history/<recipe>.parquet``
+merge flow (subflow, into ``{store}/models/<recipe name>``, reusing committed layer units;
+its unit tasks on threads here or on a Dask cluster) → evaluation of merged + base + sources
+(a run of the ``evaluation`` deployment on the evaluation pool, or the evaluate flow in this
+process when none is given; cached results are reused) → one row per (model, task, metric) appended to ``{store}/history/<recipe>.parquet``
 → comparison with the last ``ok`` night (``dareflow.history``) → markdown artifact and score
 plot ``{store}/history/<recipe>.png``. A regression ends the run Failed, naming the tasks.
 """
@@ -21,12 +21,17 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from dareflow import history
-from dareflow.evaluation.backends import DEFAULT_TIMEOUT_S, BackendOptions, plan_here
+from dareflow.evaluation.backends import (
+    DEFAULT_TIMEOUT_S,
+    BackendOptions,
+    option_problems,
+    plan_here,
+)
 from dareflow.evaluation.checks import check_options, merge_eval_models
 from dareflow.flows.evaluate import eval_task_runner, evaluate_flow
-from dareflow.flows.merge import merge_flow
+from dareflow.flows.merge import merge_flow, task_runner_for
 from dareflow.io import storage
-from dareflow.recipe import load_recipe, recipe_to_dict
+from dareflow.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict
 from dareflow.settings import default_store
 
 
@@ -43,6 +48,14 @@ def source_revisions(manifest: dict[str, Any]) -> dict[str, str | None]:
     return {str(s["model"]): s.get("revision") for s in manifest["sources"]}
 
 
+def read_recipe(recipe: str | dict[str, Any]) -> Recipe:
+    """The recipe of a night: a mapping (what deployments pass), or a YAML path relative to
+    the flow run's working directory (the cloned repository on a worker)."""
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe, "recipe parameter")
+    return load_recipe(recipe)
+
+
 def _evaluate(deployment: str | None, parameters: dict[str, Any], workers: int) -> str:
     """Run the evaluation (deployment run or in-process); returns the final state's name."""
     if deployment:
@@ -52,13 +65,13 @@ def _evaluate(deployment: str | None, parameters: dict[str, Any], workers: int) 
         if not run.state or not run.state.is_completed():
             raise RuntimeError(f"evaluation deployment '{deployment}' run {run.id} ended "
                                f"{run.state.name if run.state else 'without a state'}")
-        return f"deployment {deployment} (run {run.id})"
+        return f"deployment {deployment}, run {run.id}"
     evaluate_flow.with_options(task_runner=eval_task_runner(workers))(**parameters)
     return "in this process"
 
 
 @flow(name="dare-nightly")
-def nightly_flow(recipe: str, store: str | None = None, suite: str = "demo_skills",
+def nightly_flow(recipe: str | dict[str, Any], store: str | None = None, suite: str = "demo_skills",
                  limit: int | None = None, evaluation: str | None = None,
                  backend: Literal["hf", "vllm"] = "hf", mirror: bool = False,
                  device: Literal["cpu", "cuda", "auto"] = "auto",
@@ -67,18 +80,23 @@ def nightly_flow(recipe: str, store: str | None = None, suite: str = "demo_skill
                  max_model_len: int | None = None,
                  gpu_memory_utilization: float | None = None,
                  max_workers: int | None = None,
-                 timeout: float | None = DEFAULT_TIMEOUT_S) -> Any:
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
+                 dask_address: str | None = None) -> Any:
     """One night of ``recipe``: merge, evaluate, record, compare.
 
     Args:
-        recipe: path of the recipe YAML (relative to the flow's working directory).
+        recipe: the recipe as a mapping, or the path of its YAML (relative to the flow
+            run's working directory).
         store: artifact store (folder); default ``$DAREFLOW_STORE`` or ~/.cache/dareflow.
         suite: suite name or file; limit: documents per benchmark (None: all).
         evaluation: ``flow-name/deployment-name`` of the evaluation deployment; None runs
             the evaluation in this process.
         backend, mirror, device, batch_size, tensor_parallel_size, data_parallel_size,
         max_model_len, gpu_memory_utilization, max_workers, timeout: how the evaluation
-            runs (see dareflow.flows.evaluate.evaluate_flow).
+            runs (see dareflow.flows.evaluate.evaluate_flow). With ``evaluation``, the
+            host-dependent checks (GPUs, vLLM) happen on the evaluation worker.
+        dask_address: scheduler of a Dask cluster for the merge's unit tasks
+            (``tcp://host:8786``); None: threads in this process.
 
     Returns:
         ``{"regression", "history", "plot", "results", "units_reused", "units_merged",
@@ -86,12 +104,17 @@ def nightly_flow(recipe: str, store: str | None = None, suite: str = "demo_skill
         result data when the merge regressed.
     """
     log = get_run_logger()
-    parsed = load_recipe(recipe)
+    parsed = read_recipe(recipe)
     check_options(suite, limit=limit, backend=backend, mirror=mirror)
     options = BackendOptions(tensor_parallel_size, data_parallel_size, max_model_len,
                              gpu_memory_utilization)
-    plan = plan_here(backend, device, options, batch_size=batch_size,
-                     max_workers=max_workers, timeout_s=timeout)
+    if evaluation:  # GPUs and vLLM are the evaluation worker's: checked there
+        if problems := option_problems(backend, options):
+            raise ValueError("; ".join(problems))
+        workers = 1
+    else:
+        workers = plan_here(backend, device, options, batch_size=batch_size,
+                            max_workers=max_workers, timeout_s=timeout)["workers"]
     store = store or default_store()
     name = parsed.name
     hist_uri = history.history_uri(store, name)
@@ -99,7 +122,8 @@ def nightly_flow(recipe: str, store: str | None = None, suite: str = "demo_skill
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
 
     out = storage.join(store, "models", name)
-    manifest = merge_flow(recipe=recipe_to_dict(parsed), out=out, store=store, overwrite=True)
+    merge = merge_flow.with_options(task_runner=task_runner_for(dask_address=dask_address))
+    manifest = merge(recipe=recipe_to_dict(parsed), out=out, store=store, overwrite=True)
     reused = sum(bool(c) for c in manifest["cached"].values())
     merged_units = len(manifest["cached"]) - reused
 
@@ -110,7 +134,7 @@ def nightly_flow(recipe: str, store: str | None = None, suite: str = "demo_skill
         "models": models, "suite": suite, "limit": limit, "backend": backend,
         "store": store, "mirror": mirror, "merged": "merged", "results": results_uri,
         "device": device, "batch_size": batch_size, "max_workers": max_workers,
-        "timeout": timeout, **options.as_dict()}, plan["workers"])
+        "timeout": timeout, **options.as_dict()}, workers)
     table = pd.read_parquet(io.BytesIO(storage.read_bytes(
         storage.join(results_uri, "results.parquet"))))
     summary = pd.read_json(io.BytesIO(storage.read_bytes(

@@ -1,7 +1,7 @@
 """The nightly flow in one process, on the tiny demo family and the demo suite: history,
-nothing recomputed when nothing changed, a regression ends the run Failed with the artifact."""
+nothing recomputed when nothing changed, a regression ends the run Failed with the artifact.
+The same on workers of two pools, with an S3 store and code from git: test_e2e.py."""
 
-import os
 
 import pandas as pd
 import pytest
@@ -72,35 +72,3 @@ def test_three_nights(tmp_path):
     assert history.plot_uri(store, "dareflow-demo-dare") in artifact.data
     assert (tmp_path / "store" / "history" / "dareflow-demo-dare.png").read_bytes()[:4] == (
         b"\x89PNG")
-
-
-@pytest.mark.slow  # ~80 s
-def test_nightly_with_an_s3_store(s3_bucket, tmp_path, monkeypatch):
-    """Merge into s3://.../models/<recipe>; the evaluation copies the models to its cache;
-    the history and plot are in the bucket; no credential in the history or artifact."""
-    from prefect.artifacts import Artifact
-
-    from dareflow.io import storage
-
-    monkeypatch.setenv("DAREFLOW_CACHE", str(tmp_path / "cache"))
-    build_demo_family(tmp_path / "family", size="tiny", threads=1)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(demo_recipes(tmp_path)["dare"]))
-    store = f"{s3_bucket.uri}/store"
-    kw = {"recipe": str(recipe), "store": store, "suite": "demo_skills", "limit": 2,
-          "device": "cpu", "return_state": True}
-    one = nightly_flow(**kw)
-    assert one.is_completed(), one.message
-    two = nightly_flow(**kw)
-    assert two.is_completed() and two.message.startswith("Nothing changed, nothing recomputed.")
-    uri = f"{store}/history/dareflow-demo-dare.parquet"
-    table = history.read_history(uri)
-    assert len(table) == 16 and table["flow_run_id"].nunique() == 2
-    assert storage.exists(f"{store}/history/dareflow-demo-dare.png")
-    assert storage.exists(f"{store}/models/dareflow-demo-dare/model.safetensors.index.json") or (
-        storage.exists(f"{store}/models/dareflow-demo-dare/manifest.json"))
-    artifact = Artifact.get("dareflow-nightly-dareflow-demo-dare").data
-    # the bucket fixture puts the loopback server's credentials in the environment
-    secrets = [os.environ[k] for k in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")]
-    dump = table.to_csv() + artifact
-    assert not [s for s in secrets if s in dump]
