@@ -363,6 +363,8 @@ def prefect_project(recipes: Sequence[Path] | None = None) -> dict[str, Any]:
 PREFECT_YAML_HEADER = """\
 # Written by `python -m deployments.deploy --write-prefect-yaml` (tests check it is current).
 # The same deployments as deployments/deploy.py, for `prefect deploy --all` from this folder:
+#   prefect work-pool create dareflow-merge --type process   # once (deploy.py does this
+#   prefect work-pool create dareflow-eval --type process    #  itself; prefect deploy won't)
 #   export DAREFLOW_REPO=<git URL workers clone>   # read when deploying
 #   prefect deploy --all
 # Workers: `prefect worker start --pool dareflow-merge` (CPU), and per GPU host
