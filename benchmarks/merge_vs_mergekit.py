@@ -70,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".bench"
 MERGEKIT_VENV = BENCH / "mergekit-venv"
 TORCH_PIN = "torch==2.13.0"
-TINY = FamilySpec(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=256)  # the CPU wheel, from local disk; plain `torch` pulls CUDA
+TINY = FamilySpec(hidden=64, intermediate=160, layers=4, heads=4, kv_heads=2, vocab=256)  # the CPU wheel, from local disk; plain `torch` pulls CUDA
 
 
 def log(*args: object) -> None:
