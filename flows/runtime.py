@@ -46,7 +46,8 @@ PARENT_POLL_S = 0.25
 SHUTDOWN_GRACE_S = 5.0
 #: How often :func:`api_ready` asks a starting server for its health (seconds).
 HEALTH_POLL_S = 0.05
-#: uvicorn's exit code when its port is taken (Prefect starts it again on another port).
+#: uvicorn's exit code when its port is taken (started again on another port), or when
+#: the app failed to start (an error).
 PORT_TAKEN = 3
 #: How long a starting server may take to answer, unless
 #: ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` says otherwise (Prefect's default).
@@ -67,6 +68,7 @@ class TemporaryServer:
 
     def __init__(self) -> None:
         self.port = free_port()
+        self.started = time.monotonic()
         self.process = subprocess.Popen(server_command(self.port), env=server_environment())
         self.ready = False
 
@@ -79,12 +81,14 @@ class TemporaryServer:
         its port was taken meanwhile (then ``PREFECT_API_URL`` follows it).
 
         Raises:
-            ServerStartError: it exited, or did not answer within ``timeout`` seconds.
+            ServerStartError: it exited, or did not answer within ``timeout`` seconds of
+                its start (then it is stopped).
         """
-        deadline = time.monotonic() + timeout
+        deadline = self.started + timeout
         while not self.ready:
             code = self.process.poll()
-            if code == PORT_TAKEN:
+            # uvicorn also exits with 3 when the app fails to start: then the port is free
+            if code == PORT_TAKEN and not port_free(self.port):
                 self.port = free_port()
                 self.process = subprocess.Popen(server_command(self.port),
                                                 env=server_environment())
@@ -173,6 +177,16 @@ def use_api(url: str) -> None:
         from prefect.context import refresh_global_settings_context
 
         refresh_global_settings_context()
+
+
+def port_free(port: int) -> bool:
+    """Whether ``port`` of 127.0.0.1 can be bound now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
