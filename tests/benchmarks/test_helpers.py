@@ -53,20 +53,22 @@ def test_recipes_are_valid_and_name_both_fine_tunes(method):
     assert config["models"][0] == {"model": "/b"} and config["dtype"] == "bfloat16"
 
 
-def test_format_table_has_speedup_and_floor_ratio():
+def test_format_table_has_both_modes_speedups_and_floor_ratios():
     table = format_table([
-        {"merge": "dare_ties", "dareflow_wall": 10.0, "mergekit_wall": 45.0,
-         "io_floor_wall": 5.0, "direct_floor_wall": 4.0, "dareflow_cpu": 15.0,
-         "mergekit_cpu": 40.0,
+        {"merge": "dare_ties", "dareflow_wall": 10.0, "dareflow_server_wall": 9.0,
+         "mergekit_wall": 45.0, "io_floor_wall": 5.0, "direct_floor_wall": 4.0,
+         "dareflow_cpu": 15.0, "mergekit_cpu": 40.0,
          "dareflow_rss": 900.0, "mergekit_rss": 4000.0, "dareflow_anon": 500.0,
          "mergekit_anon": 3500.0},
         {"merge": "ties", "dareflow_wall": 12.0, "io_floor_wall": 5.0},
     ])
     lines = table.splitlines()
-    assert len(lines) == 4 and "direct floor s" in lines[0]
+    assert len(lines) == 4 and "dareflow s plain / server" in lines[0]
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells[:8] == ["dare_ties", "10.0", "45.0", "4.5x", "5.0", "2.00x", "4.0", "2.50x"]
-    assert "—" in lines[3]
+    assert cells == ["dare_ties", "10.0 / 9.0", "45.0", "4.5x / 5.0x", "5.0",
+                     "2.00x / 1.80x", "4.0", "15.0 / 40.0", "900 / 4000", "500 / 3500"]
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[:6] == ["ties", "12.0 / —", "—", "—x / —x", "5.0", "2.40x / —x"]
 
 
 def test_agreement_counts_bf16_rounding_as_equal():
