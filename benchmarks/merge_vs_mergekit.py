@@ -5,6 +5,7 @@
     python -m benchmarks.merge_vs_mergekit --deeper --skip-mergekit   # 32 layers: memory
     python -m benchmarks.merge_vs_mergekit --device cuda        # math on the GPU
     python -m benchmarks.merge_vs_mergekit --tiny --merges ties --repeats 5   # start-up
+    python -m benchmarks.merge_vs_mergekit --size 7b --merges dare_ties   # ~90 GB disk
 
 What it does (everything cached or written under ``.bench/`` in the repository):
 
@@ -82,6 +83,13 @@ TINY = FamilySpec(hidden=64, intermediate=160, layers=4, heads=4, kv_heads=2, vo
 #: dareflow's two modes: the plain command (it starts a temporary Prefect server) and the
 #: command against a Prefect server started beforehand (``PREFECT_API_URL``).
 MODES = {"plain": "dareflow", "server": "dareflow_server"}
+#: Family sizes (``--size``): the benchmark family, its 2x deeper variant (``--deeper``)
+#: and a Mistral-7B-shaped one (Llama tensors with Mistral 7B's shapes: hidden 4096,
+#: intermediate 14336, 32 layers, 32/8 heads; ~14.5 GB per model, written streamed).
+SIZES = {"0.84b": FamilySpec(), "1.5b": FamilySpec(layers=32),
+         "7b": FamilySpec(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8)}
+#: Families at least this large are written tensor by tensor (they do not fit in memory).
+STREAMED_PARAMS = 3_000_000_000
 
 
 def log(*args: object) -> None:
@@ -158,6 +166,26 @@ def dareflow_exe() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- runs
+
+
+def check_disk_space(spec: FamilySpec) -> None:
+    """Refuse to start without room for the family (if not yet written) and three model-
+    sized outputs at once (dareflow's store and output, mergekit's output).
+
+    Raises:
+        SystemExit: with the space needed and the space free.
+    """
+    model = 2 * spec.num_params()  # bf16
+    written = (BENCH / "families" / spec.name / "family.json").exists()
+    needed = model * (3 + (0 if written else 3))
+    BENCH.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(BENCH).free
+    if free < needed * 1.05:
+        raise SystemExit(
+            f"error: the {spec.num_params() / 1e9:.2f} B family needs ~{needed / 1e9:.0f} GB "
+            f"under {BENCH} ({'3 outputs' if written else '3 models + 3 outputs'} of "
+            f"{model / 1e9:.1f} GB); {free / 1e9:.0f} GB are free. Free space, or run a "
+            "smaller --size")
 
 
 def _clean(*paths: Path) -> None:
@@ -371,7 +399,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dareflow's modes: plain (the command alone: it starts a temporary "
                         "Prefect server) and server (against a running Prefect server)")
     p.add_argument("--deeper", action="store_true",
-                   help="the 2x deeper family (32 layers): memory must not grow")
+                   help="the 2x deeper family (32 layers): memory must not grow "
+                        "(= --size 1.5b)")
+    p.add_argument("--size", choices=list(SIZES), default="0.84b",
+                   help="the family: 0.84b (default), 1.5b (--deeper), 7b (Mistral-7B "
+                        "shapes, ~14.5 GB per model: larger than the page cache here; the "
+                        "script checks the free disk space first and deletes the store "
+                        "after each dareflow run)")
     p.add_argument("--tiny", action="store_true",
                    help="a 4-layer toy family (hidden 64): start-up and Prefect overhead; "
                         "checks the script end to end in a few minutes")
@@ -392,10 +426,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    spec = FamilySpec(layers=32) if args.deeper else FamilySpec()
-    if args.tiny:
-        spec = TINY
-    family = generate_family(BENCH / "families", spec, log=log)
+    spec = TINY if args.tiny else SIZES["1.5b" if args.deeper else args.size]
+    check_disk_space(spec)
+    family = generate_family(BENCH / "families", spec, log=log,
+                             streamed=spec.num_params() >= STREAMED_PARAMS)
     inputs = [str(p / "model.safetensors") for p in family.values()]
     out_bytes = os.path.getsize(inputs[0])
     fine_tunes = [str(family[r]) for r in sorted(family) if r != "base"]
@@ -461,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                         stats = run_dareflow(recipe_path, df_out, store, envs[tool],
                                              runs / f"{method}-{tool}.log")
                         digests.setdefault(method, []).append(dareflow_digest(df_out))
+                        _clean(store)  # its shards were copied out: room for the next
                     else:
                         stats = run_mergekit(config_path, mk_out, runs / f"{method}-mergekit.log")
                         digests.setdefault(method + "/mergekit", []).append(output_digest(mk_out))

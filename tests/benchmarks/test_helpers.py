@@ -45,6 +45,21 @@ def test_family_is_bf16_llama_with_small_deltas_and_cached(family, tmp_path):
     assert (family["base"].parent / "family.json").stat().st_mtime_ns == stamp
 
 
+def test_streamed_family_has_the_same_tensors_and_config(family, tmp_path):
+    from safetensors.torch import load_file
+
+    streamed = generate_family(tmp_path, TINY, log=lambda *a: None, streamed=True)
+    for role in ("base", "ft0", "ft1"):
+        a = load_file(family[role] / "model.safetensors")
+        b = load_file(streamed[role] / "model.safetensors")
+        assert sorted(a) == sorted(b)
+        for name in a:
+            assert a[name].dtype == b[name].dtype == torch.bfloat16
+            assert torch.equal(a[name].view(torch.int16), b[name].view(torch.int16)), name
+        config = json.loads((streamed[role] / "config.json").read_text())
+        assert config == json.loads((family[role] / "config.json").read_text())
+
+
 @pytest.mark.parametrize("method", list(MERGES))
 def test_recipes_are_valid_and_name_both_fine_tunes(method):
     recipe = parse_recipe(dareflow_recipe(method, "/b", ["/f0", "/f1"]))
