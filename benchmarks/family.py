@@ -7,6 +7,10 @@ and mergekit read exactly what they would read from the Hub.
 
 Weights come from a local ``torch.Generator`` per (model, tensor), so the family is
 the same bytes on every machine and every run.
+
+A family too large to hold in memory (the 7B-shaped one: ~14.5 GB per model) is written
+``streamed``: one tensor at a time straight into ``model.safetensors`` (the same values,
+one file per model), with the config ``save_pretrained`` writes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,14 +94,52 @@ def family_paths(root: str | os.PathLike, spec: FamilySpec) -> dict[str, Path]:
     return paths
 
 
+def _tensor(spec: FamilySpec, role: str, name: str, shape: torch.Size) -> torch.Tensor:
+    """One tensor of one model: the base's, or base + delta for a fine-tune (bf16)."""
+    base = _base_tensor(spec, name, shape)
+    if role == "base":
+        return base
+    delta = torch.randn(shape, generator=_generator(spec, role, name))
+    return delta.mul_(DELTA_STD).add_(base).to(torch.bfloat16)
+
+
+def write_streamed(folder: Path, spec: FamilySpec, role: str) -> None:
+    """Write one model of the family tensor by tensor: ``config.json`` and one
+    ``model.safetensors`` (header first, from the shapes; then each tensor's bytes), so
+    no more than one tensor is in memory."""
+    from transformers import LlamaForCausalLM
+
+    config = _config(spec)
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
+    folder.mkdir(parents=True, exist_ok=True)
+    config.architectures = ["LlamaForCausalLM"]  # as the model's save_pretrained writes it
+    config.save_pretrained(folder)
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(torch.Size(shape).numel())
+        header[name] = {"dtype": "BF16", "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, shape in shapes.items():
+            f.write(_tensor(spec, role, name, shape).view(torch.int16).numpy().tobytes())
+
+
 def generate_family(root: str | os.PathLike, spec: FamilySpec = FamilySpec(), *,
-                    log=print) -> dict[str, Path]:
+                    log=print, streamed: bool = False) -> dict[str, Path]:
     """Write the family once; later calls return the cached folders.
 
     Args:
         root: Cache folder (``.bench/`` of the repository by default in the script).
         spec: The architecture and seed.
         log: Where progress lines go.
+        streamed: Write tensor by tensor (:func:`write_streamed`; the same values), for
+            families larger than memory.
 
     Returns:
         The model folders by role (``base``, ``ft0``, ``ft1``, ...).
@@ -111,6 +154,12 @@ def generate_family(root: str | os.PathLike, spec: FamilySpec = FamilySpec(), *,
     if folder.exists():
         shutil.rmtree(folder)
     log(f"generating the {spec.num_params() / 1e9:.2f} B-parameter family in {folder} (once)")
+    if streamed:
+        for role, path in paths.items():
+            write_streamed(path, spec, role)
+            log(f"  wrote {path}")
+        done.write_text(json.dumps(asdict(spec), sort_keys=True))
+        return paths
     with torch.device("meta"):
         model = LlamaForCausalLM(_config(spec))
     model = model.to_empty(device="cpu").to(torch.bfloat16)

@@ -4,19 +4,25 @@
     python -m benchmarks.merge_vs_mergekit --repeats 2 --merges dare_ties ties
     python -m benchmarks.merge_vs_mergekit --deeper --skip-mergekit   # 32 layers: memory
     python -m benchmarks.merge_vs_mergekit --device cuda        # math on the GPU
+    python -m benchmarks.merge_vs_mergekit --tiny --merges ties --repeats 5   # start-up
+    python -m benchmarks.merge_vs_mergekit --size 7b --merges dare_ties   # ~90 GB disk
 
 What it does (everything cached or written under ``.bench/`` in the repository):
 
 1. Generates once the family: Llama, hidden 2048, intermediate 5632, 16 layers
    (``--deeper``: 32), 32 heads, 4 KV heads, vocab 32000, bf16; a random base and two
-   fine-tunes = base + N(0, 0.002) (``benchmarks/family.py``).
+   fine-tunes = base + N(0, 0.002) (``benchmarks/family.py``). ``--tiny``: 4 layers,
+   hidden 64 (start-up and Prefect's overhead only).
 2. Installs mergekit once into ``.bench/mergekit-venv`` (the CPU torch wheel first;
    mergekit is a baseline here, never a dependency of dareflow).
 3. Per merge (dare_ties, dare_linear at density 0.5, task_arithmetic, ties at density
    0.5; weight 0.5 each) and repeat: the IO floor (read the three inputs, write one
    output of the merged size with fsync), then dareflow (``dareflow merge``, fresh
-   store, so nothing is cached) and mergekit (``mergekit-yaml``, CPU, default shard
-   size), alternating which goes first. Before each run, the previous outputs are
+   store, so nothing is cached) in both modes (``--modes``: ``plain``, the command as a
+   user runs it without a Prefect server, which starts a temporary one; ``server``, the
+   command with ``PREFECT_API_URL`` naming a Prefect server the script started
+   beforehand) and mergekit (``mergekit-yaml``, CPU, default shard size), rotating
+   which goes first. Before each run, the previous outputs are
    deleted and the machine settles for ``--settle`` seconds (see "Measuring" below).
 4. Compares outputs: task_arithmetic and ties within bf16 rounding of mergekit's (the
    dareflow recipes use the variant options that match mergekit); DARE merges by the
@@ -25,10 +31,12 @@ What it does (everything cached or written under ``.bench/`` in the repository):
    threads 1 and 2 (mergekit's DARE output changes between runs: unseeded RNG).
 6. Prints the table (medians over repeats).
 
-Measuring: wall time; CPU time (rusage of the command and its children); peak RSS and
-peak anonymous memory (RssAnon) of the process tree, sampled every 50 ms. dareflow
-talks to a Prefect server that the script starts once (how a team runs it); its
-start-up and the ephemeral-server alternative are reported separately. On the
+Measuring: wall time; CPU time (rusage of the command and its waited-for children: not
+the plain command's temporary server, which it does not wait for); peak RSS and peak
+anonymous memory (RssAnon) of the process tree (the plain command's temporary server
+included), sampled every 50 ms. The plain mode's Prefect home
+(``.bench/prefect-home-plain``) is created before the first timed run (a user's
+database exists; its one-off creation is not timed). On the
 benchmark VM, writing into memory the guest recently returned to the host costs
 ~2 s/GB of page faults: the settle pause makes every run (both tools and the IO floor)
 start from the same state.
@@ -55,6 +63,7 @@ from benchmarks.family import FamilySpec, generate_family
 from benchmarks.measure import RunStats, io_floor, run_measured, warm_inputs
 from benchmarks.report import (
     MERGES,
+    MODES_LEGEND,
     WEIGHT,
     Agreement,
     DareStats,
@@ -70,7 +79,17 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".bench"
 MERGEKIT_VENV = BENCH / "mergekit-venv"
 TORCH_PIN = "torch==2.13.0"
-TINY = FamilySpec(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=256)  # the CPU wheel, from local disk; plain `torch` pulls CUDA
+TINY = FamilySpec(hidden=64, intermediate=160, layers=4, heads=4, kv_heads=2, vocab=256)
+#: dareflow's two modes: the plain command (it starts a temporary Prefect server) and the
+#: command against a Prefect server started beforehand (``PREFECT_API_URL``).
+MODES = {"plain": "dareflow", "server": "dareflow_server"}
+#: Family sizes (``--size``): the benchmark family, its 2x deeper variant (``--deeper``)
+#: and a Mistral-7B-shaped one (Llama tensors with Mistral 7B's shapes: hidden 4096,
+#: intermediate 14336, 32 layers, 32/8 heads; ~14.5 GB per model, written streamed).
+SIZES = {"0.84b": FamilySpec(), "1.5b": FamilySpec(layers=32),
+         "7b": FamilySpec(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8)}
+#: Families at least this large are written tensor by tensor (they do not fit in memory).
+STREAMED_PARAMS = 3_000_000_000
 
 
 def log(*args: object) -> None:
@@ -147,6 +166,26 @@ def dareflow_exe() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- runs
+
+
+def check_disk_space(spec: FamilySpec) -> None:
+    """Refuse to start without room for the family (if not yet written) and three model-
+    sized outputs at once (dareflow's store and output, mergekit's output).
+
+    Raises:
+        SystemExit: with the space needed and the space free.
+    """
+    model = 2 * spec.num_params()  # bf16
+    written = (BENCH / "families" / spec.name / "family.json").exists()
+    needed = model * (3 + (0 if written else 3))
+    BENCH.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(BENCH).free
+    if free < needed * 1.05:
+        raise SystemExit(
+            f"error: the {spec.num_params() / 1e9:.2f} B family needs ~{needed / 1e9:.0f} GB "
+            f"under {BENCH} ({'3 outputs' if written else '3 models + 3 outputs'} of "
+            f"{model / 1e9:.1f} GB); {free / 1e9:.0f} GB are free. Free space, or run a "
+            "smaller --size")
 
 
 def _clean(*paths: Path) -> None:
@@ -356,10 +395,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs per tool and merge (median)")
     p.add_argument("--merges", nargs="+", default=list(MERGES), choices=list(MERGES))
     p.add_argument("--skip-mergekit", action="store_true", help="dareflow and IO floor only")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                   help="dareflow's modes: plain (the command alone: it starts a temporary "
+                        "Prefect server) and server (against a running Prefect server)")
     p.add_argument("--deeper", action="store_true",
-                   help="the 2x deeper family (32 layers): memory must not grow")
+                   help="the 2x deeper family (32 layers): memory must not grow "
+                        "(= --size 1.5b)")
+    p.add_argument("--size", choices=list(SIZES), default="0.84b",
+                   help="the family: 0.84b (default), 1.5b (--deeper), 7b (Mistral-7B "
+                        "shapes, ~14.5 GB per model: larger than the page cache here; the "
+                        "script checks the free disk space first and deletes the store "
+                        "after each dareflow run)")
     p.add_argument("--tiny", action="store_true",
-                   help="a 2-layer toy family (hidden 64): checks the script end to end in a minute")
+                   help="a 4-layer toy family (hidden 64): start-up and Prefect overhead; "
+                        "checks the script end to end in a few minutes")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: also merge with the math on the GPU and report throughput")
     p.add_argument("--settle", type=float, default=10.0,
@@ -377,10 +426,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    spec = FamilySpec(layers=32) if args.deeper else FamilySpec()
-    if args.tiny:
-        spec = TINY
-    family = generate_family(BENCH / "families", spec, log=log)
+    spec = TINY if args.tiny else SIZES["1.5b" if args.deeper else args.size]
+    check_disk_space(spec)
+    family = generate_family(BENCH / "families", spec, log=log,
+                             streamed=spec.num_params() >= STREAMED_PARAMS)
     inputs = [str(p / "model.safetensors") for p in family.values()]
     out_bytes = os.path.getsize(inputs[0])
     fine_tunes = [str(family[r]) for r in sorted(family) if r != "base"]
@@ -402,9 +451,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[RunStats]]] = {}
     checks: list[tuple[str, bool, str]] = []
     digests: dict[str, list[str]] = {}
+    plain_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    plain_env.update(PREFECT_HOME=str(BENCH / "prefect-home-plain"),
+                     PREFECT_LOGGING_LEVEL="INFO")
+    if "plain" in args.modes:  # untimed: the plain mode's database, as a user has one
+        create_db = ("from dareflow.flows import runtime; "
+                     "runtime.start_temporary_server(); runtime.api_ready()")
+        subprocess.run([sys.executable, "-c", create_db],
+                       env=plain_env, cwd=str(REPO), check=True)
     with PrefectServer(BENCH / "prefect-home") as server:
         env = dict(os.environ, PREFECT_HOME=str(BENCH / "prefect-home"),
                    PREFECT_API_URL=server.url, PREFECT_LOGGING_LEVEL="INFO")
+        envs = {"dareflow": plain_env, "dareflow_server": env}
+        tools = [MODES[m] for m in MODES if m in args.modes] + (
+            ["mergekit"] if with_mergekit else [])
         for method in args.merges:
             recipe_path = runs / f"{method}.dareflow.yaml"
             recipe = dareflow_recipe(method, str(family["base"]), fine_tunes)
@@ -416,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   fine_tunes)))
             df_out, mk_out = runs / f"{method}-dareflow", runs / f"{method}-mergekit"
             store = runs / "store"
-            per = results.setdefault(method, {"dareflow": [], "mergekit": [], "floor": [],
-                                              "direct_floor": []})
+            per = results.setdefault(method, {"dareflow": [], "dareflow_server": [],
+                                              "mergekit": [], "floor": [], "direct_floor": []})
             for rep in range(args.repeats):
                 _clean(df_out, mk_out, store)
                 for kind, direct in (("floor", False), ("direct_floor", True)):
@@ -425,23 +485,22 @@ def main(argv: list[str] | None = None) -> int:
                     warm_inputs(inputs)
                     per[kind].append(io_floor(inputs, str(runs / "io-floor.tmp"), out_bytes,
                                               direct=direct))
-                order = ["dareflow", "mergekit"] if rep % 2 == 0 else ["mergekit", "dareflow"]
+                order = tools[rep % len(tools):] + tools[:rep % len(tools)]
                 for tool in order:
-                    if tool == "mergekit" and not with_mergekit:
-                        continue
-                    target = df_out if tool == "dareflow" else mk_out
+                    target = mk_out if tool == "mergekit" else df_out
                     _clean(target, store)
                     settle(args.settle)
                     warm_inputs(inputs)
-                    if tool == "dareflow":
-                        stats = run_dareflow(recipe_path, df_out, store, env,
-                                             runs / f"{method}-dareflow.log")
+                    if tool != "mergekit":
+                        stats = run_dareflow(recipe_path, df_out, store, envs[tool],
+                                             runs / f"{method}-{tool}.log")
                         digests.setdefault(method, []).append(dareflow_digest(df_out))
+                        _clean(store)  # its shards were copied out: room for the next
                     else:
                         stats = run_mergekit(config_path, mk_out, runs / f"{method}-mergekit.log")
                         digests.setdefault(method + "/mergekit", []).append(output_digest(mk_out))
                     per[tool].append(stats)
-                    log(f"{method:16s} {tool:9s} rep {rep + 1}: {stats.wall_s:6.1f} s wall, "
+                    log(f"{method:16s} {tool:15s} rep {rep + 1}: {stats.wall_s:6.1f} s wall, "
                         f"{stats.cpu_s:6.1f} s CPU, peak RSS {stats.peak_rss_mb:5.0f} MiB, "
                         f"anon {stats.peak_anon_mb:5.0f} MiB")
                     if getattr(stats, "phases", None):
@@ -473,18 +532,26 @@ def main(argv: list[str] | None = None) -> int:
     for method, per in results.items():
         row = {"merge": method, "io_floor_wall": median([s.wall_s for s in per["floor"]]),
                "direct_floor_wall": median([s.wall_s for s in per["direct_floor"]])}
-        for tool in ("dareflow", "mergekit"):
+        for tool in ("dareflow_server", "dareflow", "mergekit"):
             stats = per[tool]
             if stats:
                 row[f"{tool}_wall"] = median([s.wall_s for s in stats])
-                row[f"{tool}_cpu"] = median([s.cpu_s for s in stats])
-                row[f"{tool}_rss"] = max(s.peak_rss_mb for s in stats)
-                row[f"{tool}_anon"] = max(s.peak_anon_mb for s in stats)
+                # CPU and memory columns: the plain command's (the server mode's without it)
+                key = "dareflow" if tool == "dareflow_server" else tool
+                row[f"{key}_cpu"] = median([s.cpu_s for s in stats])
+                row[f"{key}_rss"] = max(s.peak_rss_mb for s in stats)
+                row[f"{key}_anon"] = max(s.peak_anon_mb for s in stats)
         rows.append(row)
     log(f"\n{spec.num_params() / 1e9:.2f} B params, {spec.layers} layers, bf16; "
         f"{args.repeats} repeat(s), medians (memory: max); {os.cpu_count()} cores; "
         f"load average now {os.getloadavg()[0]:.1f}\n")
     log(format_table(rows))
+    log("\n" + MODES_LEGEND)
+    for method, per in results.items():
+        for tool in ("dareflow", "dareflow_server"):
+            if per[tool]:
+                log(f"{method} {tool}: walls " + ", ".join(f"{s.wall_s:.2f}" for s in per[tool])
+                    + "; peak anon MiB " + ", ".join(f"{s.peak_anon_mb:.0f}" for s in per[tool]))
     for method in args.merges:
         mk = digests.get(method + "/mergekit", [])
         if len(mk) > 1:

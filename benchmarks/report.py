@@ -196,29 +196,41 @@ def _fmt(value: float, spec: str) -> str:
         else format(value, spec)
 
 
+#: What the table's two dareflow modes are (printed under it).
+MODES_LEGEND = (
+    "plain: `dareflow merge` as a user runs it, no Prefect server running (the command "
+    "starts a temporary one; its process tree's memory includes that server, its CPU "
+    "does not). server: the same command with PREFECT_API_URL naming a Prefect server "
+    "started beforehand (how a team runs it).")
+
+
 def format_table(rows: Sequence[Mapping[str, float]]) -> str:
     """The results table: one row per merge, medians over repeats.
 
-    Each row has ``merge``, ``dareflow_wall``, ``mergekit_wall``, ``io_floor_wall``
-    (buffered write), ``direct_floor_wall`` (``O_DIRECT`` write, optional),
-    ``dareflow_cpu``, ``mergekit_cpu``, ``dareflow_rss``, ``mergekit_rss``,
-    ``dareflow_anon``, ``mergekit_anon`` (seconds, MiB); missing values print as —.
+    Each row has ``merge``, ``dareflow_wall`` (the plain command), ``dareflow_server_wall``
+    (against a running server), ``mergekit_wall``, ``io_floor_wall`` (buffered write),
+    ``direct_floor_wall`` (``O_DIRECT`` write, optional), ``dareflow_cpu``,
+    ``mergekit_cpu``, ``dareflow_rss``, ``mergekit_rss``, ``dareflow_anon``,
+    ``mergekit_anon`` (seconds, MiB; dareflow's of the plain command, or of the server
+    mode where the plain one did not run); missing values print as —.
     """
-    header = ["merge", "dareflow s", "mergekit s", "speedup", "IO floor s", "dareflow/floor",
-              "direct floor s", "df/direct floor", "CPU s df/mk", "peak RSS MiB df/mk",
-              "peak anon MiB df/mk"]
+    header = ["merge", "dareflow s plain / server", "mergekit s", "speedup plain / server",
+              "IO floor s", "dareflow/floor plain / server", "direct floor s",
+              "CPU s df/mk", "peak RSS MiB df/mk", "peak anon MiB df/mk"]
     lines = []
+    nan = float("nan")
+
+    def ratio(a: float | None, b: float | None, spec: str) -> str:
+        return _fmt(a / b if a and b else nan, spec) + "x"
+
     for r in rows:
-        df, mk, floor = r.get("dareflow_wall"), r.get("mergekit_wall"), r.get("io_floor_wall")
-        direct = r.get("direct_floor_wall")
-        nan = float("nan")
-        speedup = mk / df if df and mk else nan
-        vs_floor = df / floor if df and floor else nan
-        vs_direct = df / direct if df and direct else nan
+        df, server = r.get("dareflow_wall"), r.get("dareflow_server_wall")
+        mk, floor = r.get("mergekit_wall"), r.get("io_floor_wall")
         lines.append([
-            r["merge"], _fmt(df, ".1f"), _fmt(mk, ".1f"), _fmt(speedup, ".1f") + "x",
-            _fmt(floor, ".1f"), _fmt(vs_floor, ".2f") + "x",
-            _fmt(direct, ".1f"), _fmt(vs_direct, ".2f") + "x",
+            r["merge"], f"{_fmt(df, '.1f')} / {_fmt(server, '.1f')}", _fmt(mk, ".1f"),
+            f"{ratio(mk, df, '.1f')} / {ratio(mk, server, '.1f')}",
+            _fmt(floor, ".1f"), f"{ratio(df, floor, '.2f')} / {ratio(server, floor, '.2f')}",
+            _fmt(r.get("direct_floor_wall"), ".1f"),
             f"{_fmt(r.get('dareflow_cpu'), '.1f')} / {_fmt(r.get('mergekit_cpu'), '.1f')}",
             f"{_fmt(r.get('dareflow_rss'), '.0f')} / {_fmt(r.get('mergekit_rss'), '.0f')}",
             f"{_fmt(r.get('dareflow_anon'), '.0f')} / {_fmt(r.get('mergekit_anon'), '.0f')}",

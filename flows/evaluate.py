@@ -16,7 +16,7 @@ from dareflow.evaluation.checks import check_request
 from dareflow.evaluation.local import local_models
 from dareflow.evaluation.suite import suite_path
 from dareflow.flows.merge import result_storage
-from dareflow.flows.runtime import one_line_failures
+from dareflow.flows.runtime import api_ready, one_line_failures
 from dareflow.settings import default_store
 from dareflow.tasks.evaluate import (
     evaluate_benchmark,
@@ -111,6 +111,7 @@ def run_evaluate(models: dict[str, str], suite: str = "openllm_v1", *, limit: in
     check_request(models, suite, limit=limit, backend=backend, mirror=mirror, merged=merged)
     plan = plan_here(backend, device, options, batch_size=batch_size,
                      max_workers=max_workers, timeout_s=timeout)
+    api_ready()
     return evaluate_flow.with_options(task_runner=eval_task_runner(plan["workers"]))(
         models=models, suite=suite, limit=limit, backend=backend, store=store, mirror=mirror,
         merged=merged, results=results, device=device, batch_size=batch_size,

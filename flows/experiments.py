@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dareflow.delta_stats import DEFAULT_OVERALL_SAMPLE
 from dareflow.experiments import sweeps
 from dareflow.experiments.representation import calibration_prompts
-from dareflow.flows.runtime import one_line_failures
+from dareflow.flows.runtime import api_ready, one_line_failures
 from dareflow.io import storage
 from dareflow.recipe import mask_id
 from dareflow.settings import default_store
@@ -160,5 +160,6 @@ def run_experiment(kind: str, config_path: str, *, store: str | None = None) -> 
     }[kind]
     cfg = sweeps.load_config(config_path, model)
     runner = ThreadPoolTaskRunner(max_workers=getattr(cfg, "max_workers", 2))
+    api_ready()
     return flow_fn.with_options(task_runner=runner)(config=cfg.model_dump(by_alias=True),
                                                     store=store)

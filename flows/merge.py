@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from dareflow.flows.runtime import guard_temporary_server, one_line_failures
+from dareflow.flows.runtime import api_ready, guard_temporary_server, one_line_failures
 from dareflow.merge import output, publish, report
 from dareflow.merge.plan import warm_up_kernels
 from dareflow.recipe import load_recipe, mask_id, parse_recipe, recipe_to_dict
@@ -226,6 +226,7 @@ def run_merge(recipe_path: str, out: str | None = None, *, store: str | None = N
             f"no output for '{recipe_path}': pass --out DIR or set output: in the recipe"
         )
     dask = dask_address is not None or dask_workers is not None
+    api_ready()  # the command's temporary Prefect server, started in the background
     with shared_prefect_api() if dask else contextlib.nullcontext():
         return merge_flow.with_options(task_runner=runner)(
             recipe=recipe_to_dict(recipe), out=out, store=store, overwrite=overwrite

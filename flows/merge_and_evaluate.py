@@ -13,6 +13,7 @@ from dareflow.evaluation.backends import DEFAULT_TIMEOUT_S, BackendOptions, plan
 from dareflow.evaluation.checks import check_local_output, check_options, merge_eval_models
 from dareflow.flows.evaluate import eval_task_runner, evaluate_flow
 from dareflow.flows.merge import merge_flow
+from dareflow.flows.runtime import api_ready
 from dareflow.recipe import load_recipe, recipe_to_dict
 
 
@@ -80,6 +81,7 @@ def run_merge_and_evaluate(recipe_path: str, out: str | None = None, *,
     if not out:
         raise ValueError(
             f"no output for '{recipe_path}': pass --out DIR or set output: in the recipe")
+    api_ready()
     return merge_and_evaluate_flow(recipe=recipe_path, out=out, suite=suite, limit=limit,
                                    store=store, backend=backend, mirror=mirror,
                                    overwrite=overwrite, results=results, device=device,

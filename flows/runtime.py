@@ -18,22 +18,182 @@ the run's log, not Prefect's three reports of the same exception with their trac
 The temporary server also sends no usage telemetry unless the user asked for it
 (``PREFECT_SERVER_ANALYTICS_ENABLED``): offline, every run printed ``Failed to send
 telemetry``.
+
+A ``dareflow`` command process starts that server itself, first thing
+(:func:`start_temporary_server`): it takes ~4 s to answer (its imports, the database
+check, its services), which Prefect's lazy start added to every command after the
+command's own ~3 s of imports. Started in the background, the two overlap; the command
+names the server in ``PREFECT_API_URL`` and waits for it (:func:`api_ready`) only where a
+flow is about to run, so a bad recipe is still refused without waiting.
 """
 
+import atexit
 import collections
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from typing import Any
 
 #: How often the server checks that the command that started it is alive (seconds).
 PARENT_POLL_S = 0.25
 #: How long the server may take to shut down gracefully once its parent is gone.
 SHUTDOWN_GRACE_S = 5.0
+#: How often :func:`api_ready` asks a starting server for its health (seconds).
+HEALTH_POLL_S = 0.05
+#: uvicorn's exit code when its port is taken (started again on another port), or when
+#: the app failed to start (an error).
+PORT_TAKEN = 3
+#: How long a starting server may take to answer, unless
+#: ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` says otherwise (Prefect's default).
+STARTUP_TIMEOUT_S = 20.0
+
+
+class ServerStartError(OSError):
+    """The command's temporary Prefect server did not come up (an ``error:`` line)."""
+
+
+class TemporaryServer:
+    """The temporary Prefect server of one command, started in the background.
+
+    Runs Prefect's own server command (:func:`server_command`) on a free port of
+    127.0.0.1. :meth:`wait` blocks until it answers; :meth:`stop` ends it without waiting
+    for its graceful shutdown (it watches this process anyway).
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(server_command(self.port), env=server_environment())
+        self.ready = False
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def wait(self, timeout: float) -> None:
+        """Block until the server answers ``/health``; start it again on another port if
+        its port was taken meanwhile (then ``PREFECT_API_URL`` follows it).
+
+        Raises:
+            ServerStartError: it exited, or did not answer within ``timeout`` seconds of
+                its start (then it is stopped).
+        """
+        deadline = self.started + timeout
+        while not self.ready:
+            code = self.process.poll()
+            # uvicorn also exits with 3 when the app fails to start: then the port is free
+            if code == PORT_TAKEN and not port_free(self.port):
+                self.port = free_port()
+                self.process = subprocess.Popen(server_command(self.port),
+                                                env=server_environment())
+                use_api(self.api_url)
+                continue
+            if code is not None:
+                raise ServerStartError(
+                    f"the temporary Prefect server (127.0.0.1:{self.port}) exited with code "
+                    f"{code} before it answered; its error is printed above. Fix it, or "
+                    "run a Prefect server (prefect server start) and set PREFECT_API_URL "
+                    "to its API (http://127.0.0.1:4200/api)")
+            try:
+                with urllib.request.urlopen(self.api_url + "/health", timeout=1):
+                    self.ready = True
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ServerStartError(
+                        f"the temporary Prefect server (127.0.0.1:{self.port}) did not "
+                        f"answer within {timeout:g} s; on a loaded machine raise "
+                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run a Prefect "
+                        "server (prefect server start) and set PREFECT_API_URL to its API"
+                    ) from None
+                time.sleep(HEALTH_POLL_S)
+
+    def stop(self) -> None:
+        """SIGTERM (uvicorn's graceful shutdown), without waiting for it."""
+        if self.process.poll() is None:
+            self.process.terminate()
+
+
+#: The server :func:`start_temporary_server` started in this process, if any.
+_SERVER: TemporaryServer | None = None
+
+
+def start_temporary_server() -> TemporaryServer | None:
+    """Start this command's temporary Prefect server now, in the background, and name it
+    in ``PREFECT_API_URL``; :func:`api_ready` waits for it.
+
+    Only for a process that has not imported Prefect yet (a ``dareflow`` command) and has
+    no Prefect API: with ``PREFECT_API_URL`` set (the environment, a Prefect profile,
+    ``prefect.toml``) nothing is started (a server started before the settings were read is
+    stopped unused). A process that already imported Prefect (a caller of
+    ``dareflow.cli.main``, tests) keeps Prefect's lazily started server, guarded by
+    :func:`guard_temporary_server`, which every command there shares.
+
+    Returns:
+        The server, or None where Prefect's API is another one.
+    """
+    global _SERVER
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    if "prefect" in sys.modules:
+        guard_temporary_server()
+        return None
+    server = TemporaryServer()  # before Prefect's imports (~1 s): they overlap its start
+    atexit.register(server.stop)  # registered before Prefect's: runs after its log flushes
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():  # from a profile or prefect.toml
+        server.stop()
+        return None
+    use_api(server.api_url)
+    _SERVER = server
+    return server
+
+
+def api_ready() -> None:
+    """Wait until the temporary server of :func:`start_temporary_server` answers (a no-op
+    without one, and once it did). Called where a command is about to run a flow.
+
+    Raises:
+        ServerStartError: it did not start (see :meth:`TemporaryServer.wait`).
+    """
+    if _SERVER is None or _SERVER.ready:
+        return
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                                   STARTUP_TIMEOUT_S))
+    _SERVER.wait(timeout)
+
+
+def use_api(url: str) -> None:
+    """Point this process's Prefect (and its child processes) at the API ``url``."""
+    os.environ["PREFECT_API_URL"] = url
+    if "prefect.context" in sys.modules:  # Prefect read its settings at import
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+
+
+def port_free(port: int) -> bool:
+    """Whether ``port`` of 127.0.0.1 can be bound now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 free now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def guard_temporary_server() -> Any | None:
@@ -71,23 +231,29 @@ def server_command(port: int | None) -> list[str]:
     """The temporary server's command line: Prefect 3.8's own (``SubprocessASGIServer.
     _run_uvicorn_command``: uvicorn serving ``create_app`` on 127.0.0.1, errors only),
     run under :func:`main` with this process as the parent to watch."""
-    import prefect  # already imported by the caller; the path of its package
+    import importlib.util
 
+    # Prefect's package folder's parent, found without importing Prefect (~1 s)
+    spec = importlib.util.find_spec("prefect")
+    app_dir = os.path.dirname(os.path.dirname(spec.origin))
     return [sys.executable, "-m", "dareflow.flows.runtime", str(os.getpid()),
-            "--app-dir", str(prefect.__module_path__.parent),
+            "--app-dir", app_dir,
             "--factory", "prefect.server.api.server:create_app",
             "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "error", "--lifespan", "on"]
 
 
 def server_environment() -> dict[str, str]:
-    """The temporary server's environment, as Prefect builds it (no UI; this process's
-    explicitly set Prefect settings), with usage telemetry off unless set."""
-    from prefect.settings import get_current_settings
-
+    """The temporary server's environment, as Prefect builds it (no UI; where Prefect is
+    imported, this process's explicitly set Prefect settings; otherwise the server reads
+    the same environment and profile), with usage telemetry off unless set."""
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT__SERVER_FINAL": "1",
-           **get_current_settings().to_environment_variables(exclude_unset=True)}
+           "PREFECT__SERVER_FINAL": "1"}
+    if "prefect.settings" in sys.modules:
+        from prefect.settings import get_current_settings
+
+        env.update(get_current_settings().to_environment_variables(exclude_unset=True))
+    env.pop("PREFECT_API_URL", None)  # restarted on another port: not the URL it had
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     return env
 

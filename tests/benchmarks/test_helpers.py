@@ -45,6 +45,21 @@ def test_family_is_bf16_llama_with_small_deltas_and_cached(family, tmp_path):
     assert (family["base"].parent / "family.json").stat().st_mtime_ns == stamp
 
 
+def test_streamed_family_has_the_same_tensors_and_config(family, tmp_path):
+    from safetensors.torch import load_file
+
+    streamed = generate_family(tmp_path, TINY, log=lambda *a: None, streamed=True)
+    for role in ("base", "ft0", "ft1"):
+        a = load_file(family[role] / "model.safetensors")
+        b = load_file(streamed[role] / "model.safetensors")
+        assert sorted(a) == sorted(b)
+        for name in a:
+            assert a[name].dtype == b[name].dtype == torch.bfloat16
+            assert torch.equal(a[name].view(torch.int16), b[name].view(torch.int16)), name
+        config = json.loads((streamed[role] / "config.json").read_text())
+        assert config == json.loads((family[role] / "config.json").read_text())
+
+
 @pytest.mark.parametrize("method", list(MERGES))
 def test_recipes_are_valid_and_name_both_fine_tunes(method):
     recipe = parse_recipe(dareflow_recipe(method, "/b", ["/f0", "/f1"]))
@@ -53,20 +68,22 @@ def test_recipes_are_valid_and_name_both_fine_tunes(method):
     assert config["models"][0] == {"model": "/b"} and config["dtype"] == "bfloat16"
 
 
-def test_format_table_has_speedup_and_floor_ratio():
+def test_format_table_has_both_modes_speedups_and_floor_ratios():
     table = format_table([
-        {"merge": "dare_ties", "dareflow_wall": 10.0, "mergekit_wall": 45.0,
-         "io_floor_wall": 5.0, "direct_floor_wall": 4.0, "dareflow_cpu": 15.0,
-         "mergekit_cpu": 40.0,
+        {"merge": "dare_ties", "dareflow_wall": 10.0, "dareflow_server_wall": 9.0,
+         "mergekit_wall": 45.0, "io_floor_wall": 5.0, "direct_floor_wall": 4.0,
+         "dareflow_cpu": 15.0, "mergekit_cpu": 40.0,
          "dareflow_rss": 900.0, "mergekit_rss": 4000.0, "dareflow_anon": 500.0,
          "mergekit_anon": 3500.0},
         {"merge": "ties", "dareflow_wall": 12.0, "io_floor_wall": 5.0},
     ])
     lines = table.splitlines()
-    assert len(lines) == 4 and "direct floor s" in lines[0]
+    assert len(lines) == 4 and "dareflow s plain / server" in lines[0]
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells[:8] == ["dare_ties", "10.0", "45.0", "4.5x", "5.0", "2.00x", "4.0", "2.50x"]
-    assert "—" in lines[3]
+    assert cells == ["dare_ties", "10.0 / 9.0", "45.0", "4.5x / 5.0x", "5.0",
+                     "2.00x / 1.80x", "4.0", "15.0 / 40.0", "900 / 4000", "500 / 3500"]
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[:6] == ["ties", "12.0 / —", "—", "—x / —x", "5.0", "2.40x / —x"]
 
 
 def test_agreement_counts_bf16_rounding_as_equal():

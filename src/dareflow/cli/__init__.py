@@ -61,11 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.func.__module__ not in {m.__name__ for m in FLOW_COMMANDS}:
         return _run(args, None)
-    # cost: Prefect's server module (~2 s), only for commands that run flows without a
-    # Prefect API; they would import it to start the same server
-    from dareflow.flows.runtime import guard_temporary_server
+    # without a Prefect API: the temporary Prefect server starts now, while the command
+    # imports (it exits with this process; flows wait for it where they start)
+    from dareflow.flows.runtime import start_temporary_server
 
-    guard_temporary_server()  # the temporary Prefect server exits with this process
+    start_temporary_server()
     with logs.session(args.command, debug=args.debug) as log_file:
         return _run(args, log_file)
 

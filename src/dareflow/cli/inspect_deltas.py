@@ -20,8 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dareflow.flows.experiments import inspect_flow  # imports torch and Prefect
+    from dareflow.flows.runtime import api_ready
     from dareflow.io import storage
 
+    api_ready()
     result = inspect_flow(base=args.base, finetuned=args.finetuned, store=args.store,
                           sample=args.sample, max_rows=None if args.all else 40)
     print(result["table"])

@@ -1,0 +1,155 @@
+"""A ``dareflow`` command's temporary Prefect server (``dareflow.flows.runtime``): started
+in the background as the command starts, named in ``PREFECT_API_URL``, waited for where a
+flow runs; a server that does not come up is one clear ``error:`` line.
+
+Each case runs in a fresh Python process (what a command is): the test process has
+imported Prefect, where the command keeps Prefect's own lazily started server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.flows.conftest import write_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Merges the recipe of argv[1] into argv[2] as ``dareflow merge`` does: server first.
+MERGE_SCRIPT = """
+import json, os, sys
+from dareflow.flows import runtime
+
+prefect_before = "prefect" in sys.modules
+server = runtime.start_temporary_server()
+seen = {"env_url": os.environ["PREFECT_API_URL"], "server_url": server.api_url,
+        "alive_at_start": server.process.poll() is None, "prefect_before": prefect_before}
+from dareflow.flows.merge import run_merge
+from prefect import get_client
+from prefect.settings import PREFECT_API_URL
+
+seen["settings_url"] = PREFECT_API_URL.value()
+manifest = run_merge(sys.argv[1], sys.argv[2], store=sys.argv[3], max_workers=1)
+with get_client(sync_client=True) as client:
+    run = client.read_flow_run(manifest["flow_run_id"])
+seen.update(ready=server.ready, state=run.state.type.value, flow_run=run.name,
+            server_pid=server.process.pid, shards=len(manifest["shards"]),
+            server_module_imported="prefect.server.api.server" in sys.modules)
+print(json.dumps(seen))
+"""
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), DAREFLOW_CACHE=str(tmp_path / "cache"),
+               **extra)
+    return env
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _recipe(pico_family: dict[str, Path], tmp_path: Path) -> Path:
+    return write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "task_arithmetic", "base_model": str(pico_family["base"]),
+        "models": [{"model": str(pico_family["a"]), "parameters": {"weight": 0.5}}],
+        "dtype": "float32"})
+
+
+def test_command_starts_its_server_first_and_its_flow_runs_there(pico_family, tmp_path):
+    recipe = _recipe(pico_family, tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", MERGE_SCRIPT, str(recipe), str(tmp_path / "out"),
+         str(tmp_path / "store")], env=_env(tmp_path), cwd=ROOT, capture_output=True, check=False,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    # started in a process without Prefect yet, and every part of Prefect points at it
+    assert seen["prefect_before"] is False
+    assert seen["alive_at_start"] is True
+    assert seen["env_url"] == seen["server_url"] == seen["settings_url"]
+    assert seen["server_url"].startswith("http://127.0.0.1:")
+    # the flow ran against it once it answered; Prefect never started a server of its own
+    # (its server module, ~2 s of imports, is not even imported here)
+    assert seen["ready"] is True
+    assert (seen["state"], seen["flow_run"], seen["shards"]) == ("COMPLETED", "out (task_arithmetic)", 4)
+    assert seen["server_module_imported"] is False
+    assert "Starting temporary server" not in proc.stderr
+    # and it ends with the command
+    assert _gone(seen["server_pid"], within=10)
+
+
+def test_server_that_fails_to_start_is_one_error_line(pico_family, tmp_path):
+    recipe = _recipe(pico_family, tmp_path)
+    broken = f"sqlite+aiosqlite:///{tmp_path}/no-such-folder/prefect.db"  # cannot be created
+    proc = subprocess.run(
+        [sys.executable, "-m", "dareflow.cli", "merge", str(recipe), "--out",
+         str(tmp_path / "out")], env=_env(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL=broken),
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: the temporary Prefect server (127.0.0.1:")
+    assert errors[0].endswith(
+        ") exited with code 3 before it answered; its error is printed above. Fix it, or "
+        "run a Prefect server (prefect server start) and set PREFECT_API_URL to its API "
+        "(http://127.0.0.1:4200/api)")
+    assert "unable to open database file" in proc.stderr  # the server's error, above
+    assert not (tmp_path / "out").exists()
+
+
+TIMEOUT_SCRIPT = """
+import json, sys
+from dareflow.flows import runtime
+
+server = runtime.start_temporary_server()
+try:
+    server.wait(0.001)
+except runtime.ServerStartError as e:
+    print(json.dumps({"error": str(e), "pid": server.process.pid, "port": server.port,
+                      "stopped": server.process.wait(10) is not None}))
+"""
+
+
+def test_server_that_answers_too_late_is_stopped_with_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", TIMEOUT_SCRIPT], env=_env(tmp_path),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["error"] == (
+        f"the temporary Prefect server (127.0.0.1:{seen['port']}) did not answer within "
+        "0.001 s; on a loaded machine raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,"
+        " or run a Prefect server (prefect server start) and set PREFECT_API_URL to its API")
+    assert seen["stopped"] is True
+
+
+NAMED_API_SCRIPT = """
+import json, os, sys
+from dareflow.flows import runtime
+
+print(json.dumps({"server": runtime.start_temporary_server() is None and "none",
+                  "prefect": "prefect" in sys.modules, "url": os.environ["PREFECT_API_URL"]}))
+"""
+
+
+def test_named_api_starts_no_server(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", NAMED_API_SCRIPT],
+                          env=_env(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"server": "none", "prefect": False,
+                                       "url": "http://127.0.0.1:9/api"}
