@@ -115,9 +115,16 @@ class TemporaryServer:
                 time.sleep(HEALTH_POLL_S)
 
     def stop(self) -> None:
-        """SIGTERM (uvicorn's graceful shutdown), without waiting for it."""
+        """End the server without waiting for it: SIGTERM (uvicorn's graceful shutdown)
+        once it answered; SIGKILL before that, where it served nothing. A server stopped
+        in the middle of its start-up (a command that refused its input at once) printed
+        Prefect's "Reactive triggers not started" traceback from its failed shutdown;
+        SQLite's journal keeps its database whole either way."""
         if self.process.poll() is None:
-            self.process.terminate()
+            if self.ready:
+                self.process.terminate()
+            else:
+                self.process.kill()
 
 
 #: The server :func:`start_temporary_server` started in this process, if any.
