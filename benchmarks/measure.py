@@ -133,6 +133,18 @@ def warm_inputs(inputs: Sequence[str], block: int = 8 << 20) -> None:
                 pass
 
 
+def drop_from_cache(paths: Sequence[str]) -> None:
+    """Evict every file of ``paths`` from the page cache (``POSIX_FADV_DONTNEED``; no root
+    needed; clean pages only: call after :func:`os.sync`), so the next run reads them
+    from the disk: a cold cache."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def io_floor(inputs: Sequence[str], out_path: str, out_bytes: int,
              block: int = 8 << 20, direct: bool = False) -> RunStats:
     """The IO floor of a merge: read every input file once, write ``out_bytes`` with

@@ -5,7 +5,8 @@
     python -m benchmarks.merge_vs_mergekit --deeper --skip-mergekit   # 32 layers: memory
     python -m benchmarks.merge_vs_mergekit --device cuda        # math on the GPU
     python -m benchmarks.merge_vs_mergekit --tiny --merges ties --repeats 5   # start-up
-    python -m benchmarks.merge_vs_mergekit --size 7b --merges dare_ties   # ~90 GB disk
+    python -m benchmarks.merge_vs_mergekit --size 7b --merges dare_ties --no-checks
+        # Mistral-7B shapes, cold page cache: ~73 GB of disk (~87 GB with the checks)
 
 What it does (everything cached or written under ``.bench/`` in the repository):
 
@@ -23,7 +24,10 @@ What it does (everything cached or written under ``.bench/`` in the repository):
    command with ``PREFECT_API_URL`` naming a Prefect server the script started
    beforehand) and mergekit (``mergekit-yaml``, CPU, default shard size), rotating
    which goes first. Before each run, the previous outputs are
-   deleted and the machine settles for ``--settle`` seconds (see "Measuring" below).
+   deleted and the machine settles for ``--settle`` seconds (see "Measuring" below);
+   then the inputs are read into the page cache (``--cache warm``, the default) or
+   evicted from it (``--cache cold``, the default for ``--size 7b``, whose three models
+   do not fit in memory). A ``--size 7b`` family is deleted after the run.
 4. Compares outputs: task_arithmetic and ties within bf16 rounding of mergekit's (the
    dareflow recipes use the variant options that match mergekit); DARE merges by the
    fraction of changed entries and E[δ̂] (slope on Σ w δ) within 5σ of mergekit's.
@@ -60,7 +64,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.family import FamilySpec, generate_family
-from benchmarks.measure import RunStats, io_floor, run_measured, warm_inputs
+from benchmarks.measure import RunStats, drop_from_cache, io_floor, run_measured, warm_inputs
 from benchmarks.report import (
     MERGES,
     MODES_LEGEND,
@@ -168,23 +172,25 @@ def dareflow_exe() -> list[str]:
 # ----------------------------------------------------------------------------- runs
 
 
-def check_disk_space(spec: FamilySpec) -> None:
-    """Refuse to start without room for the family (if not yet written) and three model-
-    sized outputs at once (dareflow's store and output, mergekit's output).
+def check_disk_space(spec: FamilySpec, outputs: int) -> None:
+    """Refuse to start without room for the family (if not yet written) and ``outputs``
+    model-sized outputs at once (dareflow's store and output; mergekit's output, kept
+    for the comparison unless ``--no-checks``).
 
     Raises:
         SystemExit: with the space needed and the space free.
     """
     model = 2 * spec.num_params()  # bf16
     written = (BENCH / "families" / spec.name / "family.json").exists()
-    needed = model * (3 + (0 if written else 3))
+    needed = model * (outputs + (0 if written else 3))
     BENCH.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(BENCH).free
-    if free < needed * 1.05:
+    if free < needed * 1.03:
+        what = f"{outputs} outputs" if written else f"3 models + {outputs} outputs"
         raise SystemExit(
             f"error: the {spec.num_params() / 1e9:.2f} B family needs ~{needed / 1e9:.0f} GB "
-            f"under {BENCH} ({'3 outputs' if written else '3 models + 3 outputs'} of "
-            f"{model / 1e9:.1f} GB); {free / 1e9:.0f} GB are free. Free space, or run a "
+            f"under {BENCH} ({what} of {model / 1e9:.1f} GB); {free / 1e9:.0f} GB are free. "
+            "Free space, skip the comparison with --no-checks (one output fewer), or run a "
             "smaller --size")
 
 
@@ -417,7 +423,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="turn dareflow's DARE applicability gate off (it samples every "
                         "tensor before merging; mergekit has none): the merge alone")
     p.add_argument("--no-checks", action="store_true",
-                   help="skip the output comparison and the determinism runs")
+                   help="skip the output comparison and the determinism runs (each run's "
+                        "output is deleted before the next: one model-sized output fewer "
+                        "on disk)")
+    p.add_argument("--cache", choices=["warm", "cold"], default=None,
+                   help="the inputs before every measured run: warm (read once, in the "
+                        "page cache) or cold (evicted from it: read from the disk); "
+                        "default warm, cold for --size 7b (its family is larger than the "
+                        "page cache)")
+    p.add_argument("--keep-family", action="store_true",
+                   help="keep a --size 7b family (~44 GB) after the run; deleted by default")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -427,16 +442,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = TINY if args.tiny else SIZES["1.5b" if args.deeper else args.size]
-    check_disk_space(spec)
-    family = generate_family(BENCH / "families", spec, log=log,
-                             streamed=spec.num_params() >= STREAMED_PARAMS)
+    streamed = spec.num_params() >= STREAMED_PARAMS
+    check_disk_space(spec, outputs=2 if args.no_checks or args.skip_mergekit else 3)
+    cache = args.cache or ("cold" if streamed else "warm")
+    family = generate_family(BENCH / "families", spec, log=log, streamed=streamed)
+    try:
+        return measure(args, spec, family, cache)
+    finally:
+        if streamed and not args.keep_family:
+            shutil.rmtree(next(iter(family.values())).parent)
+            log(f"deleted the family ({spec.name}); --keep-family keeps it")
+
+
+def prepare_inputs(inputs: list[str], cache: str) -> None:
+    """Before a measured run: the inputs in the page cache (warm) or out of it (cold)."""
+    if cache == "warm":
+        warm_inputs(inputs)
+    else:
+        drop_from_cache(inputs)
+
+
+def measure(args: argparse.Namespace, spec: FamilySpec, family: dict[str, Path],
+            cache: str) -> int:
+    """The runs, the checks and the table (see the module's docstring)."""
     inputs = [str(p / "model.safetensors") for p in family.values()]
     out_bytes = os.path.getsize(inputs[0])
     fine_tunes = [str(family[r]) for r in sorted(family) if r != "base"]
     runs = BENCH / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     log(f"family: {spec.num_params() / 1e9:.2f} B params, {spec.layers} layers, "
-        f"{out_bytes / 2**30:.2f} GiB per model; load {os.getloadavg()[0]:.1f}")
+        f"{out_bytes / 2**30:.2f} GiB per model; {cache} page cache before each run; "
+        f"load {os.getloadavg()[0]:.1f}")
     if args.device == "cuda":
         cuda_section(family, args.merges)
     with_mergekit = not args.skip_mergekit
@@ -482,15 +518,16 @@ def main(argv: list[str] | None = None) -> int:
                 _clean(df_out, mk_out, store)
                 for kind, direct in (("floor", False), ("direct_floor", True)):
                     settle(args.settle)
-                    warm_inputs(inputs)
+                    prepare_inputs(inputs, cache)
                     per[kind].append(io_floor(inputs, str(runs / "io-floor.tmp"), out_bytes,
                                               direct=direct))
                 order = tools[rep % len(tools):] + tools[:rep % len(tools)]
                 for tool in order:
                     target = mk_out if tool == "mergekit" else df_out
-                    _clean(target, store)
+                    # without the comparison, no output is kept: room for the next one
+                    _clean(*((df_out, mk_out) if args.no_checks else (target,)), store)
                     settle(args.settle)
-                    warm_inputs(inputs)
+                    prepare_inputs(inputs, cache)
                     if tool != "mergekit":
                         stats = run_dareflow(recipe_path, df_out, store, envs[tool],
                                              runs / f"{method}-{tool}.log")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +174,50 @@ def test_cuda_merge_is_byte_identical_to_cpu(family, capsys):
     merge_vs_mergekit.cuda_section(family, ["dare_ties", "ties"])
     out = capsys.readouterr().out
     assert "identical to the CPU result: True" in out and "False" not in out
+
+
+def test_drop_from_cache_evicts_the_file_pages(tmp_path):
+    import mmap
+    import os
+
+    from benchmarks.measure import drop_from_cache
+
+    path = tmp_path / "input.bin"
+    path.write_bytes(os.urandom(8 << 20))
+    os.sync()
+
+    def major_faults() -> int:
+        stat = Path("/proc/self/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[9])
+
+    def resident_pages() -> int:
+        # mincore is not in the stdlib: a page is resident if touching it through a
+        # mapping is no major fault (one that reads the disk)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            before = major_faults()
+            for i in range(0, len(m), mmap.PAGESIZE):
+                m[i]
+            return len(m) // mmap.PAGESIZE - (major_faults() - before)
+
+    path.read_bytes()
+    assert resident_pages() == 2048  # read once: every page cached
+    drop_from_cache([str(path)])
+    assert resident_pages() < 2048  # evicted: reading faults on the disk again
+
+
+def test_disk_space_check_names_the_need_and_the_fix(monkeypatch, tmp_path):
+    import shutil
+
+    import benchmarks.merge_vs_mergekit as bench
+
+    monkeypatch.setattr(bench, "BENCH", tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(0, 0, 70e9))
+    spec = bench.SIZES["7b"]
+    with pytest.raises(SystemExit) as caught:
+        bench.check_disk_space(spec, outputs=3)
+    assert str(caught.value) == (
+        f"error: the 7.24 B family needs ~87 GB under {tmp_path} (3 models + 3 outputs of "
+        "14.5 GB); 70 GB are free. Free space, skip the comparison with --no-checks (one "
+        "output fewer), or run a smaller --size")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(0, 0, 76e9))
+    bench.check_disk_space(spec, outputs=2)  # 72.5 GB + 3 %: fits
