@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         return measure(args, spec, family, cache)
     finally:
         if streamed and not args.keep_family:
-            shutil.rmtree(next(iter(family.values())).parent)
+            shutil.rmtree(family["base"].parent)
             log(f"deleted the family ({spec.name}); --keep-family keeps it")
 
 

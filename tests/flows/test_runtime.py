@@ -155,7 +155,6 @@ def test_named_api_starts_no_server(tmp_path):
                                        "url": "http://127.0.0.1:9/api"}
 
 
-
 #: Starts the server and prints how long it took to answer (seconds).
 READY_SCRIPT = """
 import time
