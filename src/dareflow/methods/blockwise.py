@@ -149,15 +149,27 @@ class _Merge:
         self.ones = torch.ones(block, **f32)
         self.use_kernels = self.kernels_enabled and self.device.type == "cpu"
         self.draws_np = np.empty(block, dtype=np.uint32) if self.use_kernels else None
+        # bfloat16 inputs' bits, widened by the kernels (None: torch ops)
+        self.base_bits = self._bf16_bits(self.base)
+        self.ft_bits = [self._bf16_bits(t) for t in self.fts]
         blocks = -(-self.n // block)
         self.lo = torch.empty((blocks, len(self.models) + 1), **f32)
         self.hi = torch.empty((blocks, len(self.models) + 1), **f32)
 
     # ------------------------------------------------------------------ inputs
 
+    def _bf16_bits(self, t: torch.Tensor | None) -> np.ndarray | None:
+        """A bfloat16 CPU input's bits as a uint16 array (no copy), for the kernels."""
+        if t is None or not self.use_kernels or t.dtype != torch.bfloat16:
+            return None
+        return t.view(torch.int16).numpy().view(np.uint16)
+
     def _load(self, src: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         out = out[: stop - start]
-        out.copy_(src[start:stop])
+        if src is self.base and self.base_bits is not None:
+            kernels.bf16_widen(self.base_bits[start:stop], out.numpy())
+        else:
+            out.copy_(src[start:stop])
         return out
 
     def _raw_delta(self, k: int, start: int, stop: int, b: torch.Tensor | None) -> torch.Tensor:
@@ -166,6 +178,8 @@ class _Merge:
         ft = self.fts[k][start:stop]
         if b is None:
             d.copy_(ft)
+        elif self.ft_bits[k] is not None:
+            kernels.bf16_delta(self.ft_bits[k][start:stop], b.numpy(), d.numpy())
         elif ft.dtype in _EXACT_UPCAST:
             torch.sub(ft, b, out=d)
         else:  # e.g. float64: the reference casts to float32 first
