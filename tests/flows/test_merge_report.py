@@ -79,6 +79,8 @@ def test_merge_run_reads_like_a_report(pico_family, tmp_path):
     assert set(tasks) == {"preflight", "mirror-base", "mirror-ft-a", "mirror-ft-b",
                           "resolve-sources", "check-deltas", "plan-merge", *UNITS,
                           "assemble-model", "report-merge"}
+    # tags on the run only: a tagged task run waits for Prefect's concurrency-limit check
+    assert {name: t.tags for name, t in tasks.items() if t.tags} == {}
 
     # the graph holds the true dependencies only
     by_id = {t.id: name for name, t in tasks.items()}

@@ -3,8 +3,8 @@
 :func:`check_output` refuses, before any heavy work, an output that would replace a
 model without ``--overwrite``, or whose deletion could take inputs or the store with it.
 :func:`assemble_model` copies the committed unit shards (``dareflow.merge.units``) into
-the staging folder (never a hard link: an output edited in place must not change the
-store) and writes the index, config, tokenizer, model card and manifest
+the staging folder, except those their units already wrote there (never a hard link: an
+output edited in place must not change the store) and writes the index, config, tokenizer, model card and manifest
 (``dareflow.merge.assemble``). ``dareflow.merge.publish`` reserves the staging folder and
 publishes it.
 """
@@ -28,7 +28,7 @@ import torch
 import dareflow
 from dareflow.errors import fault_point
 from dareflow.io import localdisk, storage
-from dareflow.merge import assemble
+from dareflow.merge import assemble, publish
 from dareflow.merge.plan import MERGE_CODE_VERSION, MergePlan
 from dareflow.merge.publish import os_error
 from dareflow.recipe import Recipe
@@ -58,7 +58,8 @@ def assemble_model(plan: MergePlan, results: list[dict[str, Any]], out_uri: str)
     if not localdisk.is_local(storage.get_fs(out_uri)[0]):
         storage.remove(storage.join(out_uri, "manifest.json"), missing_ok=True)
     for r in results:
-        copy_shard(r["uri"], storage.join(plan.work_uri, r["file"]), r["nbytes"])
+        if not is_staged(plan.work_uri, r["file"], r["nbytes"]):
+            copy_shard(r["uri"], storage.join(plan.work_uri, r["file"]), r["nbytes"])
     fault_point("shards-copied")
     weight_map = {t: r["file"] for r in results for t in r["tensors"]}
     total = sum(r["nbytes"] for r in results)
@@ -86,6 +87,20 @@ def assemble_model(plan: MergePlan, results: list[dict[str, Any]], out_uri: str)
                               shards=shards, versions=manifest["versions"], notes=notes)
     assemble.write_manifest(out_uri, manifest)
     return manifest
+
+
+def is_staged(work_uri: str, file: str, nbytes: int) -> bool:
+    """Whether ``file`` is already in ``work_uri`` with its recorded size: only in a run's
+    own staging folder (``publish.private_staging``), where the unit that merged it
+    wrote it from memory (``dareflow.merge.units.merge_unit``); anything else is copied.
+    """
+    folder = publish.private_staging(work_uri)
+    if folder is None:
+        return False
+    try:
+        return os.path.getsize(os.path.join(folder, file)) == nbytes
+    except FileNotFoundError:
+        return False
 
 
 def copy_shard(src_uri: str, dst_uri: str, nbytes: int) -> None:

@@ -76,6 +76,26 @@ def is_local(uri: str) -> bool:
     return localdisk.is_local(storage.get_fs(uri)[0])
 
 
+def private_staging(uri: str) -> str | None:
+    """The local path of ``uri`` if it is a run's own staging folder visible here, else None.
+
+    A run's own staging folder (:func:`staging_uri` beside a local output) is read by
+    nobody until :func:`publish`, so shards may be written into it as units finish
+    (``dareflow.merge.units.merge_unit``) and a shard found there with its recorded size
+    was written by this run. An object-store output is its own staging folder and may
+    still hold the previous model: never that. A worker on another machine does not
+    see the folder: None there.
+    """
+    if not uri or not is_local(uri):
+        return None
+    path = storage.get_fs(uri)[1].rstrip("/")
+    name = os.path.basename(path)
+    mark = name.rfind(STAGING_MARK)
+    if mark <= 0 or not _RUN_ID.fullmatch(name[mark + len(STAGING_MARK):]):
+        return None
+    return path if os.path.isdir(path) else None
+
+
 def lock_uri(out_uri: str) -> str:
     """The lock of an output: ``<out>.dareflow-lock`` beside it."""
     return out_uri.rstrip("/") + LOCK_SUFFIX
