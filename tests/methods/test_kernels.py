@@ -62,5 +62,27 @@ def test_dare_apply_modes():
 def test_warm_up_leaves_every_kernel_compiled():
     kernels.warm_up()
     for kernel in (kernels.philox_fill, kernels.dare_l1_pass, kernels.dare_apply,
-                   kernels.abs_sum, kernels.dare_merge_block):
+                   kernels.abs_sum, kernels.dare_merge_block, kernels.bf16_widen,
+                   kernels.bf16_delta):
         assert kernel.signatures, kernel
+
+
+def test_bf16_widen_is_torchs_upcast_for_every_bit_pattern():
+    # all 65536 bfloat16 values: zeros of both signs, subnormals, infinities, NaN payloads
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(bits.size, dtype=np.float32)
+    kernels.bf16_widen(bits, out)
+    expected = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
+    assert np.array_equal(out.view(np.uint32), expected.numpy().view(np.uint32))
+
+
+def test_bf16_delta_is_torch_sub_of_a_bf16_and_a_float32():
+    rng = np.random.default_rng(1)
+    n = 4099
+    ft = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).bfloat16()
+    base = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    base[:3] = torch.tensor([0.0, -0.0, float("inf")])
+    out = np.empty(n, dtype=np.float32)
+    kernels.bf16_delta(ft.view(torch.int16).numpy().view(np.uint16), base.numpy(), out)
+    expected = torch.sub(ft, base)
+    assert np.array_equal(out.view(np.uint32), expected.numpy().view(np.uint32))
