@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 from fsspec.implementations.local import LocalFileSystem
@@ -332,6 +333,97 @@ def test_write_buffer_atomic_rejects_a_size_outside_the_buffer(tmp_path):
     with pytest.raises(ValueError, match=r"size 101 is outside the buffer \(0\.\.100 bytes\)"):
         buffers.write_buffer_atomic(str(tmp_path / "a"), buffer, 101)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("size", [1, 4097, 3 * localdisk.FILLED_CHUNK + 5000])
+def test_filling_write_writes_every_target_as_the_buffer_fills(tmp_path, size):
+    buffer = localdisk.aligned_buffer(-(-size // localdisk.DIRECT_ALIGN) * localdisk.DIRECT_ALIGN)
+    data = os.urandom(size)
+    buffer[size:] = b"\xff" * (len(buffer) - size)  # padding must not reach the files
+    targets = [str(tmp_path / "store" / "u.bin"), str(tmp_path / "staging" / "u.bin")]
+    halves = []
+    with buffers.FillingWrite(targets, buffer, size, midway=lambda: halves.append(1)) as write:
+        assert write.direct == _direct_io_possible(tmp_path)
+        end = 0
+        for step in (1, localdisk.FILLED_CHUNK + 3, 2 * localdisk.FILLED_CHUNK, size):
+            step = min(step, size)  # filled front to back, in pieces of any length
+            buffer[end:step] = data[end:step]
+            write.filled(step)
+            end = step
+        assert write.finish() == hashlib.sha256(data).hexdigest()
+    for target in targets:
+        assert Path(target).read_bytes() == data
+    assert os.listdir(tmp_path / "store") == ["u.bin"]  # no temporary left
+    assert halves == [1]
+
+
+def test_filling_write_left_with_an_error_publishes_nothing(tmp_path):
+    buffer = localdisk.aligned_buffer(2 * localdisk.FILLED_CHUNK)
+    buffer[:] = b"\x01" * len(buffer)
+    target = tmp_path / "u.bin"
+    target.write_bytes(b"old contents")
+    with pytest.raises(ValueError, match="merge failed"), \
+            buffers.FillingWrite([str(target)], buffer, len(buffer)) as write:
+        write.filled(localdisk.FILLED_CHUNK + 1)  # one chunk on its way to the disk
+        raise ValueError("merge failed")
+    assert target.read_bytes() == b"old contents"
+    assert os.listdir(tmp_path) == ["u.bin"]
+
+
+def test_filling_write_failure_midway_publishes_nothing(tmp_path):
+    buffer = localdisk.aligned_buffer(4 * localdisk.DIRECT_ALIGN)
+    buffer[:] = os.urandom(len(buffer))
+
+    def fail():
+        raise RuntimeError("killed between the halves")
+
+    targets = [str(tmp_path / "a.bin"), str(tmp_path / "b.bin")]
+    with pytest.raises(RuntimeError, match="killed between the halves"), \
+            buffers.FillingWrite(targets, buffer, 10_000, midway=fail) as write:
+        write.filled(10_000)
+        write.finish()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_filling_write_drops_an_optional_copy_it_cannot_write(tmp_path, monkeypatch, direct):
+    if not direct:
+        monkeypatch.setattr(localdisk.FilledWrite, "start", classmethod(lambda cls, *a, **k: None))
+    (tmp_path / "blocked").write_text("a file where the copy's folder would be")
+    buffer = localdisk.aligned_buffer(2 * localdisk.DIRECT_ALIGN)
+    buffer[:] = os.urandom(len(buffer))
+    store, copy = str(tmp_path / "store" / "u.bin"), str(tmp_path / "blocked" / "u.bin")
+    with buffers.FillingWrite([store], buffer, 5000, optional=[copy]) as write:
+        write.filled(5000)
+        assert write.finish() == hashlib.sha256(bytes(buffer[:5000])).hexdigest()
+    assert write.written == [store]
+    assert Path(store).read_bytes() == bytes(buffer[:5000])
+    assert os.listdir(tmp_path / "store") == ["u.bin"]
+
+
+def test_filling_write_where_direct_io_is_refused_writes_at_the_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(localdisk.FilledWrite, "start", classmethod(lambda cls, *a, **k: None))
+    buffer = localdisk.aligned_buffer(2 * localdisk.DIRECT_ALIGN)
+    buffer[:] = os.urandom(len(buffer))
+    with buffers.FillingWrite([str(tmp_path / "u.bin")], buffer, 5000) as write:
+        assert not write.direct
+        write.filled(5000)
+        assert write.finish() == hashlib.sha256(bytes(buffer[:5000])).hexdigest()
+    assert (tmp_path / "u.bin").read_bytes() == bytes(buffer[:5000])
+
+
+def test_filling_write_to_s3_writes_at_the_end(s3_server, s3_store, monkeypatch):
+    bucket, options = s3_store
+    for name, value in s3_server.credentials.items():  # as a worker finds the store
+        monkeypatch.setenv(name, value)
+    buffer = localdisk.aligned_buffer(2 * localdisk.DIRECT_ALIGN)
+    buffer[:] = os.urandom(len(buffer))
+    uri = f"{bucket}/filled/{uuid.uuid4().hex}.bin"
+    with buffers.FillingWrite([uri], buffer, 5000) as write:
+        assert not write.direct
+        write.filled(5000)
+        write.finish()
+    assert storage.read_bytes(uri, **options) == bytes(buffer[:5000])
 
 
 def test_write_buffer_atomic_to_s3(s3_store):

@@ -3,6 +3,7 @@ check_family and check_buffers, merge/plan.py, merge/units.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dareflow.flows.merge import run_merge
+from dareflow.io import buffers
 from dareflow.io.checkpoints import Checkpoint
 from dareflow.io.homology import check_buffers, check_family
 from dareflow.merge import assemble, units
@@ -171,7 +173,9 @@ def test_check_buffers_reads_only_buffers_and_compares_bytes(tmp_path):
 def test_unit_shard_with_a_buffer_has_write_shard_bytes(tmp_path):
     shapes = {"emb.weight": (4, 3), "pos": (1, 5), "a.mask": (2,), "ln.bias": (3,)}
     kept = {"pos": torch.int64, "a.mask": torch.bool}
-    views, buffer, size = units._shard_buffer(shapes, torch.bfloat16, kept)
+    views, ends, header, buffer, size = units._shard_buffer(shapes, torch.bfloat16, kept)
+    assert list(views) == ["pos", "emb.weight", "ln.bias", "a.mask"]  # file order
+    assert list(ends.values()) == sorted(ends.values()) and ends["a.mask"] == size
     tensors = {}
     for name, view in views.items():
         value = torch.arange(view.numel()).reshape(view.shape)
@@ -182,6 +186,8 @@ def test_unit_shard_with_a_buffer_has_write_shard_bytes(tmp_path):
         "ln.bias": torch.bfloat16}
     head, data = assemble.shard_bytes(tensors, {"format": "pt"})
     assert bytes(buffer[:size]) == head + bytes(data)
-    units._write_shard_bytes(str(tmp_path / "u.safetensors"), buffer, size)
+    assert header == len(head)
+    with buffers.FillingWrite([str(tmp_path / "u.safetensors")], buffer, size) as write:
+        assert write.finish() == hashlib.sha256(head + bytes(data)).hexdigest()
     loaded = load_file(tmp_path / "u.safetensors")
     assert all(torch.equal(loaded[n], t) for n, t in tensors.items())

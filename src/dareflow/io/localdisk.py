@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import mmap
 import os
 import threading
@@ -154,6 +155,163 @@ def direct_write(uri: str, path: str, buffer: memoryview, size: int,
                 os.remove(tmp)
     fsync_dir(parent)
     return True
+
+
+#: Bytes per write of :class:`FilledWrite` (a multiple of ``DIRECT_ALIGN``).
+FILLED_CHUNK = 8 << 20
+
+
+class FilledWrite:
+    """Write a buffer to a local file with ``O_DIRECT`` while it is still being filled.
+
+    The caller fills ``buffer[:size]`` front to back and calls :meth:`filled` with each
+    new end; a background thread writes every whole :data:`FILLED_CHUNK` filled so far
+    to the file's temporary sibling (and hashes the bytes, sha256, when asked), so the
+    disk works while the rest of the buffer is computed. :meth:`finish` writes the rest,
+    truncates, fsyncs and renames the file into place; :meth:`abort` publishes nothing.
+    ``midway`` is called once, between the first and the second half of the data (a
+    fault-injection point: nothing is published if it raises).
+
+    :meth:`start` returns None where direct IO is impossible (no ``O_DIRECT``, an
+    unaligned buffer, a filesystem that refuses it): the caller writes the usual way.
+    """
+
+    def __init__(self, uri: str, path: str, fd: int, tmp: str, buffer: memoryview, size: int,
+                 midway: Callable[[], None] | None, hashed: bool) -> None:
+        self._uri, self._path, self._fd, self._tmp = uri, path, fd, tmp
+        self._buffer, self._size = buffer, size
+        self._padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        self._midway = midway
+        self._sha = hashlib.sha256() if hashed else None
+        self._cond = threading.Condition()
+        self._ready = self._written = self._hashed = 0
+        self._done = self._closing = False
+        self._refused = False  # the first write was refused (EINVAL): write buffered
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="filled-write", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, uri: str, path: str, buffer: memoryview, size: int, *,
+              midway: Callable[[], None] | None = None, hashed: bool = False,
+              ) -> FilledWrite | None:
+        """Open the temporary sibling of ``path`` (the file at ``uri``) and start
+        writing; None where direct IO is impossible (nothing created).
+
+        Raises:
+            FileNotFoundError, PermissionError, OSError: the folder refused the file
+                (named after ``uri``).
+        """
+        flag = getattr(os, "O_DIRECT", 0)
+        padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        if not flag or size == 0 or len(buffer) < padded or not buffer.contiguous \
+                or _address(buffer) % DIRECT_ALIGN:
+            return None
+        with storage_errors(uri, "write"):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = tmp_sibling(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flag, 0o644)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # no direct IO on this filesystem
+                return None
+            with storage_errors(uri, "write"):
+                raise
+        return cls(uri, path, fd, tmp, buffer, size, midway, hashed)
+
+    def filled(self, end: int) -> None:
+        """Bytes ``[0, end)`` of the buffer are final."""
+        with self._cond:
+            self._ready = max(self._ready, min(end, self._size))
+            if self._ready - self._written >= FILLED_CHUNK:
+                self._cond.notify()
+
+    def finish(self) -> str | None:
+        """Write the rest and publish the file; its sha256 (``""`` when not hashed), or
+        None if the filesystem refused direct writes after all (nothing published).
+
+        Raises:
+            OSError: a write failed (named after the URI); nothing was published.
+        """
+        with self._cond:
+            self._ready, self._done = self._size, True
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None or self._refused:
+            self.abort()
+            if self._error is not None:
+                raise self._error
+            return None
+        try:
+            with storage_errors(self._uri, "write"):
+                os.ftruncate(self._fd, self._size)
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+                os.replace(self._tmp, self._path)
+                self._tmp = ""
+        except BaseException:
+            self.abort()
+            raise
+        fsync_dir(os.path.dirname(self._path) or ".")
+        return self._sha.hexdigest() if self._sha is not None else ""
+
+    def abort(self) -> None:
+        """Stop writing and remove the temporary file (idempotent)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        if self._tmp:
+            with contextlib.suppress(OSError):
+                os.remove(self._tmp)
+            self._tmp = ""
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closing or self._done
+                               or self._ready - self._written >= FILLED_CHUNK):
+                        self._cond.wait()
+                    if self._closing:
+                        return
+                    ready, done = self._ready, self._done
+                if self._sha is not None and ready > self._hashed:
+                    self._sha.update(self._buffer[self._hashed:ready])
+                    self._hashed = ready
+                end = self._padded if done else ready // FILLED_CHUNK * FILLED_CHUNK
+                if end > self._written and not self._write(self._written, end):
+                    return
+                if done:
+                    return
+        except BaseException as e:  # noqa: BLE001 (handed to finish(), which re-raises it)
+            self._error = e
+
+    def _write(self, start: int, end: int) -> bool:
+        """Write ``[start, end)``; False if the device refused direct IO at once."""
+        half = (self._padded // 2) // DIRECT_ALIGN * DIRECT_ALIGN
+        pieces = [(start, end)]
+        if self._midway is not None and start < half < end:
+            pieces = [(start, half), (half, end)]  # midway between the two halves
+        for a, b in pieces:
+            if self._midway is not None and a == half:
+                self._midway()
+            try:
+                _write_all(self._fd, self._buffer[a:b])
+            except OSError as e:
+                if e.errno == errno.EINVAL and self._written == 0:
+                    self._refused = True  # this device's alignment rules
+                    return False
+                with storage_errors(self._uri, "write"):
+                    raise
+            self._written = b
+        return True
 
 
 def _write_all(fd: int, data: memoryview) -> None:

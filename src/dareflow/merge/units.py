@@ -20,7 +20,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -181,7 +181,8 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     The shard is written atomically, then its sidecar (sha256, size, tensors): the
     sidecar is the commit record, so a killed run never leaves a unit that looks done.
     A unit merged here also writes its shard into the run's own staging folder, from
-    the same buffer (:func:`_stage`).
+    the same buffer (:func:`_staged_copy`); both files are written as the tensors are
+    merged, in file order (``buffers.FillingWrite``).
     Peak memory: the unit's merged tensors (output dtype) and their serialised shard;
     inputs in a local store are memory-mapped (page cache, not process memory) and the
     math runs in cache-sized blocks (``dareflow.methods.blockwise``). Inputs elsewhere
@@ -212,50 +213,56 @@ def merge_unit(plan: MergePlan, job: UnitJob) -> dict[str, Any]:
     # non-floating tensors (buffers) keep their dtype: copied, never merged
     kept = {name: reference.info(name).torch_dtype for name in job.tensors
             if not reference.info(name).is_floating_point}
-    views, buffer, size = _shard_buffer(
+    layout = _shard_buffer(
         {name: (vocab.rows, *reference.info(name).shape[1:]) if name in reindexed
          else reference.info(name).shape for name in job.tensors},
         getattr(torch, plan.out_dtype), kept)
-    with _one_torch_thread():
-        for name in job.tensors:
-            if name in kept:  # the reference's bytes; the plan checked every model that
-                views[name].copy_(_input_tensor(reference, name))  # stores it agrees
-                continue
-            base_t = _input_tensor(base, name) if base is not None else None
-            finetuned = [_input_tensor(ckpt, name) for ckpt in models]
-            if name in reindexed:
-                base_t, finetuned = _reindex(vocab, base_t, finetuned, recipe)
-            merge_tensor(name, base_t, finetuned, specs[name], out=views[name])
-            del base_t, finetuned
+    size = layout.size
     shard, sidecar = unit_uris(plan.store_uri, job.key)
-    sha256, nbytes = _write_shard_bytes(shard, buffer, size)
+    with buffers.FillingWrite([shard], layout.buffer, size,
+                              optional=_staged_copy(plan, shard_name(job.unit)),
+                              midway=lambda: fault_point("shard-half-written")) as write:
+        write.filled(layout.header)
+        with _one_torch_thread():
+            for name, view in layout.views.items():  # in file order: written as done
+                if name in kept:  # the reference's bytes; the plan checked every model
+                    view.copy_(_input_tensor(reference, name))  # that stores it agrees
+                else:
+                    base_t = _input_tensor(base, name) if base is not None else None
+                    finetuned = [_input_tensor(ckpt, name) for ckpt in models]
+                    if name in reindexed:
+                        base_t, finetuned = _reindex(vocab, base_t, finetuned, recipe)
+                    merge_tensor(name, base_t, finetuned, specs[name], out=view)
+                    del base_t, finetuned
+                write.filled(layout.ends[name])
+        sha256 = write.finish()
+    del layout
     fault_point("shard-written")
     # store-relative: the store can be moved or copied (see unit_path)
     record = {"unit": job.unit, "key": job.key, "file": shard_name(job.unit),
-              "path": unit_path(job.key), "sha256": sha256, "nbytes": nbytes,
+              "path": unit_path(job.key), "sha256": sha256, "nbytes": size,
               "tensors": list(job.tensors)}
     storage.write_bytes_atomic(sidecar, json.dumps(record, sort_keys=True).encode())
     _remember(shard, _file_version(shard), True)  # hashed from the buffer just written
     fault_point("unit-committed")
     release_unit(plan, job, lease)
-    _stage(plan, record["file"], buffer, size)
-    del views, buffer
     return {**record, "uri": shard, "cached": False}
 
 
-def _stage(plan: MergePlan, file: str, buffer: memoryview, size: int) -> None:
-    """Write a just-merged shard into the run's own staging folder too, from memory.
+def _staged_copy(plan: MergePlan, file: str) -> list[str]:
+    """Where a merged unit's shard is also written: the run's own staging folder, when
+    this worker sees it (``publish.private_staging``); none otherwise.
 
     Assembling the model then has nothing left to copy for it
     (``dareflow.merge.output.assemble_model`` keeps a staged shard of the recorded
-    size), and the write overlaps the other workers' merging instead of following
-    the last unit (on the benchmark machine the copy of a 0.84 B model took ~2.5 s
-    after the last unit). Only into a local staging folder this worker sees
-    (``publish.private_staging``); elsewhere the model is assembled as before.
+    size): on the benchmark machine copying a 0.84 B model took ~2.5 s after the last
+    unit. An extra copy only: if it cannot be written (a full output disk) the unit
+    still commits, and assembly copies the shard and reports the output's problem.
+    Elsewhere (an object-store output, a worker on another machine) the model is
+    assembled from the store as before.
     """
     folder = publish.private_staging(plan.work_uri)
-    if folder is not None:
-        buffers.write_buffer_atomic(os.path.join(folder, file), buffer, size)
+    return [] if folder is None else [os.path.join(folder, file)]
 
 
 _SHARD_BUFFERS = threading.local()
@@ -291,18 +298,28 @@ def _one_torch_thread() -> Iterator[None]:
                 torch.set_num_threads(_TORCH_THREADS["saved"])
 
 
+class ShardLayout(NamedTuple):
+    """A unit's shard file laid out in memory (:func:`_shard_buffer`)."""
+
+    views: dict[str, torch.Tensor]  # per tensor, in file order
+    ends: dict[str, int]  # the offset in the file where each tensor's bytes end
+    header: int  # length of the header (8-byte length + JSON)
+    buffer: memoryview
+    size: int  # the file's size
+
+
 def _shard_buffer(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                  dtypes: dict[str, torch.dtype] | None = None,
-                  ) -> tuple[dict[str, torch.Tensor], memoryview, int]:
+                  dtypes: dict[str, torch.dtype] | None = None) -> ShardLayout:
     """The unit's whole shard file laid out in memory before the math runs.
 
     Tensors are ``dtype`` except those in ``dtypes`` (buffers copied in their own
-    dtype). Returns a view per tensor into the buffer, the buffer and the file's size.
+    dtype). Returns a view per tensor into the buffer (in file order), where each
+    tensor's bytes end in the file, the header's length, the buffer and the file's size.
     The buffer holds exactly the bytes ``assemble.write_shard`` writes for these tensors
     and ``{"format": "pt"}`` (safetensors orders them by dtype, then name): the
     header first, then the data the math writes straight into through the views, so
     the unit is never copied to be serialised. The buffer is page-aligned for direct
-    IO (``buffers.write_buffer_atomic``) and reused by the next unit of the same
+    IO (``buffers.FillingWrite``) and reused by the next unit of the same
     worker thread: faulting in fresh memory for every output costs more than the math
     on the benchmark VM.
     """
@@ -327,17 +344,10 @@ def _shard_buffer(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
     buffer[: len(head)] = head
     data = torch.frombuffer(buffer, dtype=torch.uint8, count=offset, offset=len(head)) \
         if offset else torch.empty(0, dtype=torch.uint8)
-    views = {name: data[offsets[name][0]:offsets[name][1]].view(types[name]).reshape(shapes[name])
-             for name in shapes}
-    return views, buffer, total
-
-
-def _write_shard_bytes(uri: str, buffer: memoryview, size: int) -> tuple[str, int]:
-    """Write ``buffer[:size]`` atomically; (sha256, size) as ``assemble.write_shard``."""
-    sha256 = hashlib.sha256(buffer[:size]).hexdigest()
-    buffers.write_buffer_atomic(uri, buffer, size,
-                                midway=lambda: fault_point("shard-half-written"))
-    return sha256, size
+    views = {name: data[start:end].view(types[name]).reshape(shapes[name])
+             for name, (start, end) in offsets.items()}
+    ends = {name: len(head) + end for name, (_, end) in offsets.items()}
+    return ShardLayout(views, ends, len(head), buffer, total)
 
 
 def _input_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
