@@ -63,8 +63,9 @@ def _philox(j, k0, k1, n0, n1):
     a = k0
     b = k1
     for _ in range(_ROUNDS):
-        p0 = _MUL0 * c0
-        p1 = _MUL1 * c2
+        # the masks tell the compiler both factors fit 32 bits (one vpmuludq each)
+        p0 = _MUL0 * (c0 & _M32)
+        p1 = _MUL1 * (c2 & _M32)
         c0, c1, c2, c3 = ((p1 >> _U64(32)) ^ c1 ^ a, p1 & _M32,
                           (p0 >> _U64(32)) ^ c3 ^ b, p0 & _M32)
         a = (a + _BUMP0) & _M32
@@ -82,21 +83,7 @@ def _philox_words(w0, w1, w2, w3, count, j0, k0, k1, n0, n1):
     to each other).
     """
     for g in range(count):
-        j = j0 + _U64(g)
-        c0 = j & _M32
-        c1 = j >> _U64(32)
-        c2 = n0
-        c3 = n1
-        a = k0
-        b = k1
-        for _ in range(_ROUNDS):
-            # the masks tell the compiler both factors fit 32 bits (one vpmuludq each)
-            p0 = _MUL0 * (c0 & _M32)
-            p1 = _MUL1 * (c2 & _M32)
-            c0, c1, c2, c3 = ((p1 >> _U64(32)) ^ c1 ^ a, p1 & _M32,
-                              (p0 >> _U64(32)) ^ c3 ^ b, p0 & _M32)
-            a = (a + _BUMP0) & _M32
-            b = (b + _BUMP1) & _M32
+        c0, c1, c2, c3 = _philox(j0 + _U64(g), k0, k1, n0, n1)
         w0[g] = np.uint32(c0)
         w1[g] = np.uint32(c1)
         w2[g] = np.uint32(c2)
