@@ -177,3 +177,23 @@ def test_blockwise_keeps_mergekit_density_count(method, density):
     one = MergeSpec(method=method, models=models[:1], out_dtype=torch.float32)
     kept = int((merge_tensor(NAME, base, fts[:1], one) != base).sum())
     assert kept == max(1, int(density * 37 * 301))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_magnitude_threshold_by_histograms_is_the_sorted_kth(quantized):
+    # the CPU kernels' two histogram passes find what sorting |δ| finds: the k-th
+    # largest magnitude, how many are greater, how many tie with it (few distinct
+    # deltas: thousands of ties; exact zeros: the +0/-0 bucket)
+    base, fts = _family((37, 301), torch.float32, quantized)
+    fts[0].reshape(-1)[:500] = base.reshape(-1)[:500]  # δ = 0 exactly
+    spec = _spec("ties", {}, (0.3, 0.8), torch.float32)
+    merge = blockwise._Merge(NAME, base, fts, spec, 1024)
+    assert merge.use_kernels
+    n = base.numel()
+    for k in range(2):
+        mags = (fts[k] - base).abs().reshape(-1).sort().values
+        for position in (0, 1, 499, 500, n // 2, n - 2, n - 1):
+            kth, greater, ties = merge._kth_by_histograms(k, position)
+            assert kth == float(mags[position])
+            assert greater == int((mags > mags[position]).sum())
+            assert ties == int((mags == mags[position]).sum())

@@ -62,6 +62,7 @@ def test_dare_apply_modes():
 def test_warm_up_leaves_every_kernel_compiled():
     kernels.warm_up()
     for kernel in (kernels.philox_fill, kernels.dare_l1_pass, kernels.dare_apply,
+                   kernels.magnitude_histogram,
                    kernels.abs_sum, kernels.dare_merge_block, kernels.bf16_widen,
                    kernels.bf16_delta):
         assert kernel.signatures, kernel
@@ -86,3 +87,21 @@ def test_bf16_delta_is_torch_sub_of_a_bf16_and_a_float32():
     kernels.bf16_delta(ft.view(torch.int16).numpy().view(np.uint16), base.numpy(), out)
     expected = torch.sub(ft, base)
     assert np.array_equal(out.view(np.uint32), expected.numpy().view(np.uint32))
+
+
+def test_magnitude_histogram_counts_by_the_magnitude_bit_pattern():
+    x = np.array([0.0, -0.0, 1.0, -1.0, 1.5, 2.0, np.inf, -np.inf, 1e-45, -3.0],
+                 dtype=np.float32)
+    bits = x.view(np.uint32)
+    upper = np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64)
+    kernels.magnitude_histogram(bits, -1, upper)
+    # |x| patterns: +0 and the subnormal share bucket 0; 1.0 (0x3F80_0000) twice;
+    # 1.5 0x3FC0; 2.0 0x4000; 3.0 0x4040; inf 0x7F80 twice
+    assert {int(b): int(c) for b, c in enumerate(upper) if c} == {
+        0x0000: 3, 0x3F80: 2, 0x3FC0: 1, 0x4000: 1, 0x4040: 1, 0x7F80: 2}
+    lower = np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64)
+    kernels.magnitude_histogram(bits, 0x0000, lower)
+    assert {int(b): int(c) for b, c in enumerate(lower) if c} == {0: 2, 1: 1}
+    lower[:] = 0
+    kernels.magnitude_histogram(bits, 0x3F80, lower)
+    assert {int(b): int(c) for b, c in enumerate(lower) if c} == {0: 2}

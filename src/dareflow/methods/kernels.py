@@ -30,6 +30,7 @@ __all__ = [
     "bf16_widen",
     "dare_apply",
     "dare_l1_pass",
+    "magnitude_histogram",
     "philox_fill",
     "warm_up",
 ]
@@ -305,6 +306,39 @@ def dare_l1_pass(d, draws, threshold, first, total, l1_block, state):
             state[:16] = 0.0
 
 
+#: Buckets of :func:`magnitude_histogram`: 16 bits of a float32 at a time.
+HISTOGRAM_BINS = 1 << 16
+
+
+@_jit
+def magnitude_histogram(bits, high, hist):
+    """Count ``|x|`` of float32 values by 16 bits of their bit pattern.
+
+    The bit pattern of a non-negative float32 (``+0``, subnormals, ``inf``, NaN last)
+    orders as the value does, and ``|x|`` is the pattern without its sign bit: two
+    passes find the exact k-th largest magnitude of a tensor from its blocks, with no
+    copy of the tensor (``blockwise._Merge.select_pass``).
+
+    Args:
+        bits: uint32 view of a float32 block.
+        high: -1: count by the upper 16 bits of ``|x|``; else count, by the lower 16
+            bits, only the values whose upper 16 bits are ``high``.
+        hist: int64[:data:`HISTOGRAM_BINS`], added to.
+    """
+    magnitude = np.uint32(0x7FFFFFFF)
+    shift = np.uint32(16)
+    low = np.uint32(0xFFFF)
+    if high < 0:
+        for i in range(bits.shape[0]):
+            hist[(bits[i] & magnitude) >> shift] += 1
+        return
+    h = np.uint32(high)
+    for i in range(bits.shape[0]):
+        x = bits[i] & magnitude
+        if (x >> shift) == h:
+            hist[x & low] += 1
+
+
 #: ``mode`` of :func:`dare_apply`: kept deltas unchanged (DropOnly), divided by
 #: ``1 - p`` (inverse) or multiplied by the ``l1`` ratio.
 KEEP, DIVIDE, MULTIPLY = 0, 1, 2
@@ -479,6 +513,9 @@ def warm_up() -> None:
     dare_l1_pass(d, draws, 1, 0, 8, 8, np.zeros(L1_STATE))
     dare_apply(d, draws, 1, 0.5, DIVIDE)
     abs_sum(d)
+    hist = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    magnitude_histogram(d.view(np.uint32), -1, hist)
+    magnitude_histogram(d.view(np.uint32), 0x3F80, hist)
     bits = np.zeros(8, dtype=np.uint16)
     bf16_widen(bits, d)
     bf16_delta(bits, np.ones(8, dtype=np.float32), d)
