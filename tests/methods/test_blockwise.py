@@ -101,7 +101,29 @@ def test_blockwise_equals_reference_on_a_tensor_of_many_l1_blocks(block):
                            _bits(merge_tensor_reference(NAME, base, fts, spec)))
 
 
-@pytest.mark.parametrize(("method", "options"), [v for v in VARIANTS if v[0].startswith("dare")])
+@pytest.mark.parametrize("block", [8, 1000, 1 << 15])
+@pytest.mark.parametrize("method", ["ties", "magnitude_linear", "dare_ties"])
+def test_blockwise_keeps_the_first_ties_at_the_threshold_across_blocks(block, method):
+    # few distinct deltas: the k-th magnitude is shared by thousands of entries and only
+    # the first of them (flat-index order) are kept; the kernels split the one piece
+    # where that budget runs out, whatever the block size
+    # (dare_ties: fewer drops than trims would put the threshold at 0, among the drops)
+    base, fts = _family((203, 301), torch.bfloat16, True, seed=2)
+    options, rates = {}, (0.55, 0.35)
+    if method == "dare_ties":
+        options, rates = {"trim_after_dare": 0.5}, (0.2, 0.1)
+    spec = _spec(method, options, rates, torch.float32)
+    merge = blockwise._Merge(NAME, base, fts, spec, block)
+    merge.l1_pass()
+    merge.select_pass()
+    for model in merge.models:  # a threshold above 0; the budget neither none nor all ties
+        assert model.select == "kth" and model.kth > 0
+        assert not model.keep_all_ties and model.ties_to_keep > 0
+    assert torch.equal(_bits(merge_blockwise(NAME, base, fts, spec, block=block)),
+                       _bits(merge_tensor_reference(NAME, base, fts, spec)))
+
+
+@pytest.mark.parametrize(("method", "options"), [v for v in VARIANTS if v[0] != "linear"])
 def test_device_code_path_equals_reference_on_cpu(monkeypatch, method, options):
     # the torch-op path (what CUDA runs: masks drawn by torch integer ops) gives the
     # same bytes as the compiled kernels and the reference
@@ -190,10 +212,14 @@ def test_magnitude_threshold_by_histograms_is_the_sorted_kth(quantized):
     merge = blockwise._Merge(NAME, base, fts, spec, 1024)
     assert merge.use_kernels
     n = base.numel()
-    for k in range(2):
-        mags = (fts[k] - base).abs().reshape(-1).sort().values
-        for position in (0, 1, 499, 500, n // 2, n - 2, n - 1):
-            kth, greater, ties = merge._kth_by_histograms(k, position)
-            assert kth == float(mags[position])
-            assert greater == int((mags > mags[position]).sum())
-            assert ties == int((mags == mags[position]).sum())
+    mags = [(ft - base).abs().reshape(-1).sort().values for ft in fts]
+    for position in (0, 1, 499, 500, n // 2, n - 2, n - 1):
+        # both models in the same passes, each at its own position
+        positions = {0: position, 1: n - 1 - position}
+        found = merge._kths_by_histograms(positions)
+        for k, at in positions.items():
+            kth, greater, ties = found[k]
+            assert kth == float(mags[k][at])
+            assert greater == int((mags[k] > mags[k][at]).sum())
+            assert ties == int((mags[k] == mags[k][at]).sum())
+        assert found == {k: merge._kth_by_sorting(k, at) for k, at in positions.items()}

@@ -63,7 +63,7 @@ def test_warm_up_leaves_every_kernel_compiled():
     kernels.warm_up()
     for kernel in (kernels.philox_fill, kernels.dare_l1_pass, kernels.dare_apply,
                    kernels.magnitude_histogram,
-                   kernels.abs_sum, kernels.dare_merge_block, kernels.bf16_widen,
+                   kernels.abs_sum, kernels.merge_block, kernels.bf16_widen,
                    kernels.bf16_delta):
         assert kernel.signatures, kernel
 

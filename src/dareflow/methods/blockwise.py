@@ -316,57 +316,68 @@ class _Merge:
         """The magnitude threshold of every model: k-th largest |δ̂| (exact selection)."""
         if not self.needs_trim:
             return
-        buffer = None
+        positions = {}  # model -> 0-based position of its threshold among sorted |δ̂|
         for k, model in enumerate(self.models):
-            rate = model.trim_rate
-            count = magnitude_keep_count(self.n, rate, model.trim_density)
+            count = magnitude_keep_count(self.n, model.trim_rate, model.trim_density)
             if count >= self.n:
                 model.select = "all"
-                continue
-            if count == 0:
+            elif count == 0:
                 model.select = "zero"
-                continue
-            position = self.n - count
-            if self.use_kernels:
-                kth, greater, ties = self._kth_by_histograms(k, position)
             else:
-                if buffer is None:
-                    buffer = torch.empty(self.n, dtype=torch.float32, device=self.device)
-                for start, stop in self._blocks():
-                    d = self._before_select(k, start, stop, self._base_block(start, stop))
-                    torch.abs(d, out=buffer[start:stop])
-                kth_t = torch.kthvalue(buffer, position + 1).values
-                kth = kth_t.item()
-                greater = int((buffer > kth_t).sum().item())
-                ties = int((buffer == kth_t).sum().item())
+                positions[k] = self.n - count
+        if self.use_kernels:
+            found = self._kths_by_histograms(positions)
+        else:
+            found = {k: self._kth_by_sorting(k, position) for k, position in positions.items()}
+        for k, (kth, greater, ties) in found.items():
+            model = self.models[k]
+            count = self.n - positions[k]
             model.select = "kth"
             model.kth = float(kth)
             model.ties_to_keep = count - greater
             model.ties_seen = 0
             model.keep_all_ties = model.ties_to_keep >= ties
-        del buffer
 
-    def _kth_by_histograms(self, k: int, position: int) -> tuple[float, int, int]:
-        """The ``position``-th smallest ``|δ̂_k|`` (0-based), how many are greater and how
-        many equal it, in two passes over the blocks (CPU kernels): a histogram of the
-        upper 16 bits of the magnitudes' float32 patterns finds the value's upper half,
-        one of the lower 16 bits of the values in that bucket the rest. Exact, like a
-        sort, without a float32 copy of the tensor (the 32000 x 2048 embeddings: 262 MB
-        per unit, two such units at once)."""
-        below = 0  # magnitudes below the current bucket
-        high = -1
+    def _kth_by_sorting(self, k: int, position: int) -> tuple[float, int, int]:
+        """What :meth:`_kths_by_histograms` finds, for one model, from a float32 copy of
+        ``|δ̂_k|`` and ``torch.kthvalue`` (accelerators, and CPU without the kernels)."""
+        buffer = torch.empty(self.n, dtype=torch.float32, device=self.device)
+        for start, stop in self._blocks():
+            d = self._before_select(k, start, stop, self._base_block(start, stop))
+            torch.abs(d, out=buffer[start:stop])
+        kth = torch.kthvalue(buffer, position + 1).values
+        return (kth.item(), int((buffer > kth).sum().item()),
+                int((buffer == kth).sum().item()))
+
+    def _kths_by_histograms(self, positions: dict[int, int]) -> dict[int, tuple[float, int, int]]:
+        """For each model ``k`` of ``positions``: the ``positions[k]``-th smallest
+        ``|δ̂_k|`` (0-based), how many are greater and how many equal it, in two passes
+        over the blocks (CPU kernels; every model in the same pass, the base block
+        loaded once): a histogram of the upper 16 bits of the magnitudes' float32
+        patterns finds the value's upper half, one of the lower 16 bits of the values in
+        that bucket the rest. Exact, like a sort, without a float32 copy of the tensor
+        (the 32000 x 2048 embeddings: 262 MB per model, two such units at once)."""
+        below = dict.fromkeys(positions, 0)  # magnitudes below the current bucket
+        high = dict.fromkeys(positions, -1)
+        hists = {}
         for _ in range(2):
-            hist = np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64)
+            hists = {k: np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64) for k in positions}
             for start, stop in self._blocks():
-                d = self._before_select(k, start, stop, self._base_block(start, stop))
-                kernels.magnitude_histogram(d.numpy().view(np.uint32), high, hist)
-            cumulative = np.cumsum(hist)
-            bucket = int(np.searchsorted(cumulative, position - below, side="right"))
-            below += int(cumulative[bucket] - hist[bucket])
-            high = bucket if high < 0 else (high << 16) | bucket
-        ties = int(hist[high & 0xFFFF])
-        kth = float(np.array([high], dtype=np.uint32).view(np.float32)[0])
-        return kth, self.n - below - ties, ties
+                b = self._base_block(start, stop)
+                for k, hist in hists.items():
+                    d = self._before_select(k, start, stop, b)
+                    kernels.magnitude_histogram(d.numpy().view(np.uint32), high[k], hist)
+            for k, hist in hists.items():
+                cumulative = np.cumsum(hist)
+                bucket = int(np.searchsorted(cumulative, positions[k] - below[k], side="right"))
+                below[k] += int(cumulative[bucket] - hist[bucket])
+                high[k] = bucket if high[k] < 0 else (high[k] << 16) | bucket
+        found = {}
+        for k, hist in hists.items():
+            ties = int(hist[high[k] & 0xFFFF])
+            kth = float(np.array([high[k]], dtype=np.uint32).view(np.float32)[0])
+            found[k] = (kth, self.n - below[k] - ties, ties)
+        return found
 
     # ------------------------------------------------------------------ fuse
 
@@ -427,20 +438,31 @@ class _Merge:
         return merged
 
     def _fused_merge_args(self) -> tuple | None:
-        """The per-model arguments of :func:`kernels.dare_merge_block`, or None when
-        this merge is not one it computes (CPU DARE with a weighted-sum or TIES consensus, no
-        magnitude selection)."""
+        """The per-model arguments of :func:`kernels.merge_block`, or None when
+        this merge is not one it computes (CPU: deltas from a base, DARE and/or magnitude
+        selection, then a weighted-sum or TIES consensus)."""
         row = self.row
-        if (not self.use_kernels or row.sparsification != "dare" or self.linear
-                or row.consensus not in ("none", "ties")
-                or any(m.select not in ("none", "all") for m in self.models)):
+        if not self.use_kernels or self.linear or row.consensus not in ("none", "ties"):
             return None
         count = len(self.models)
         words = np.zeros((count, 4), dtype=np.uint64)
         thresholds = np.zeros(count, dtype=np.uint64)
         modes = np.full(count, kernels.KEEP, dtype=np.int64)
         values = np.ones(count, dtype=np.float32)
+        selects = np.full(count, kernels.SELECT_NONE, dtype=np.int64)
+        kths = np.zeros(count, dtype=np.float32)
+        ties_left = np.zeros(count, dtype=np.int64)
+        trims = np.zeros(count, dtype=np.float32)
         for k, model in enumerate(self.models):
+            if model.select == "zero":
+                selects[k] = kernels.SELECT_ZERO
+            elif model.select == "kth":
+                selects[k] = (kernels.SELECT_AT_LEAST if model.keep_all_ties
+                              else kernels.SELECT_GREATER)
+                kths[k] = model.kth
+                ties_left[k] = model.ties_to_keep - model.ties_seen
+                if model.trim_rescale_inverse:
+                    trims[k] = 1.0 - model.trim_rate
             if model.drop_rate == 1.0:
                 thresholds[k] = 2**32  # drops everything
             elif model.stream is not None:
@@ -452,7 +474,7 @@ class _Merge:
                     modes[k], values[k] = kernels.MULTIPLY, model.l1_factor
         spec = self.spec
         weights = np.asarray([float(w) for w in self.weights], dtype=np.float32)
-        return (words, thresholds, modes, values, weights,
+        return (words, thresholds, modes, values, selects, kths, ties_left, trims, weights,
                 kernels.TIES if row.consensus == "ties" else kernels.SUM,
                 _ELECT.get(spec.resolved_sign_election, 0),
                 _DISJOINT.get(spec.resolved_disjoint_merge, 0),
@@ -473,7 +495,7 @@ class _Merge:
                 for k in range(len(self.models)):
                     self._raw_delta(k, start, stop, b)
                 merged = self.total[:m]
-                finite &= kernels.dare_merge_block(
+                finite &= kernels.merge_block(
                     b.numpy(), self.deltas.numpy()[:, :m], start, *fused, merged.numpy())
                 flat_out[start:stop].copy_(merged)
             if not finite:

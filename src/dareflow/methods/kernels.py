@@ -1,4 +1,5 @@
-"""Compiled CPU kernels: the mask generator, and DARE in one pass per block.
+"""Compiled CPU kernels: the mask generator, the magnitude histograms, and a merge's
+final pass (DARE, magnitude selection, weighted sum or TIES) in one pass per block.
 
 Compiled with numba (``cache=True``: the first call in a fresh checkout compiles and
 stores the machine code under ``__pycache__``; later processes load it). ``nogil``
@@ -91,7 +92,7 @@ def _philox_words(w0, w1, w2, w3, count, j0, k0, k1, n0, n1):
         w3[g] = np.uint32(c3)
 
 
-#: Elements per inner step of :func:`dare_l1_pass` and :func:`dare_merge_block`
+#: Elements per inner step of :func:`dare_l1_pass` and :func:`merge_block`
 #: (their buffers stay in L1); a multiple of 8.
 _SUB_BLOCK = 1024
 
@@ -365,23 +366,84 @@ def dare_apply(d, draws, threshold, value, mode):
         d[i] = x if draws[i] >= t else zero
 
 
-#: ``consensus`` / ``sign_election`` / ``disjoint`` codes of :func:`dare_merge_block`.
+#: ``selects`` codes of :func:`merge_block` (magnitude selection after DARE): keep
+#: every delta; drop every delta; keep ``|δ| > kth`` and, of the ``|δ| == kth``, the
+#: first ``ties_left`` in flat-index order; keep ``|δ| >= kth``.
+SELECT_NONE, SELECT_ZERO, SELECT_GREATER, SELECT_AT_LEAST = 0, 1, 2, 3
+
+#: ``consensus`` / ``sign_election`` / ``disjoint`` codes of :func:`merge_block`.
 SUM, TIES = 0, 1
 ELECT_SUM, ELECT_WEIGHTED_SUM, ELECT_COUNT = 0, 1, 2
 DISJOINT_MEAN, DISJOINT_WEIGHT, DISJOINT_SUM = 0, 1, 2
 
 
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _keep_above(kp, kth, inclusive):
+    """``kp[j]`` where ``|kp[j]| > kth`` (``>=`` if ``inclusive``), ``+0`` elsewhere."""
+    zero = np.float32(0.0)
+    if inclusive:
+        for j in range(kp.shape[0]):
+            kp[j] = kp[j] if abs(kp[j]) >= kth else zero
+    else:
+        for j in range(kp.shape[0]):
+            kp[j] = kp[j] if abs(kp[j]) > kth else zero
+
+
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _select(kp, selects, kths, ties_left, trims, k):
+    """Magnitude selection of model ``k``'s kept deltas in place (``_Merge._select``).
+
+    Ties at ``kth`` are kept in flat-index order while ``ties_left`` lasts: a piece
+    whose ties all fit keeps ``>= kth``, one with none left keeps ``> kth``, and only the
+    piece where the budget runs out is split at its last kept tie (no per-element
+    branch on the budget: on random data that branch mispredicts half the time).
+    """
+    code = selects[k]
+    if code < SELECT_GREATER:
+        return
+    kth = kths[k]
+    left = ties_left[k]
+    if code == SELECT_AT_LEAST:
+        _keep_above(kp, kth, True)
+    elif left == 0:
+        _keep_above(kp, kth, False)
+    else:
+        n = kp.shape[0]
+        ties = 0
+        for j in range(n):
+            ties += abs(kp[j]) == kth
+        if ties <= left:
+            _keep_above(kp, kth, True)
+            left -= ties
+        else:
+            cut = 0  # one past the last tie kept
+            while left > 0:
+                left -= abs(kp[cut]) == kth
+                cut += 1
+            _keep_above(kp[:cut], kth, True)
+            _keep_above(kp[cut:], kth, False)
+        ties_left[k] = left
+    trim = trims[k]
+    if trim != np.float32(0.0):
+        for j in range(kp.shape[0]):
+            kp[j] = kp[j] / trim
+
+
 @_jit
-def dare_merge_block(base, deltas, first, words, thresholds, modes, values, weights,
-                     consensus, elect, disjoint, normalize, divisor, scale, out):
-    """DARE of every model, then fusion, then ``base + scale * merged``, for one block.
+def merge_block(base, deltas, first, words, thresholds, modes, values, selects, kths,
+                     ties_left, trims, weights, consensus, elect, disjoint, normalize, divisor,
+                     scale, out):
+    """DARE and magnitude selection of every model, then fusion, then
+    ``base + scale * merged``, for one block.
 
     The same float32 operations, in the same order, as the torch path of
     :class:`blockwise._Merge` (tests compare bytes): for model ``k`` the kept delta is
     ``d`` (mode :data:`KEEP`), ``d / value`` (:data:`DIVIDE`) or ``d * value``
     (:data:`MULTIPLY`) where its draw ``>= threshold`` and ``+0`` elsewhere (threshold
-    0 keeps all, 2**32 drops all); then the weighted sum (``SUM``, optionally divided
-    by ``divisor``) or TIES (sign election, then the disjoint merge).
+    0 keeps all, 2**32 drops all); then the magnitude selection (``selects``: the
+    ``SELECT_*`` codes; a kept delta is divided by ``trims[k]`` where that is not 0);
+    then the weighted sum (``SUM``, optionally divided by ``divisor``) or TIES (sign
+    election, then the disjoint merge).
 
     Args:
         base: float32 base block.
@@ -389,6 +451,9 @@ def dare_merge_block(base, deltas, first, words, thresholds, modes, values, weig
         first: flat index of the block's first element.
         words: uint64 ``(K, 4)`` Philox words of each model's mask.
         thresholds: uint64 ``(K,)``; modes: int64 ``(K,)``; values, weights: float32.
+        selects: int64 ``(K,)``; kths, trims: float32 ``(K,)``; ties_left: int64 ``(K,)``,
+            how many ties at ``kth`` :data:`SELECT_GREATER` still keeps (decreased here:
+            blocks come in order).
         consensus, elect, disjoint: the codes above; normalize: bool.
         divisor, scale: float32.
         out: float32 block, receives the merged parameters.
@@ -426,8 +491,12 @@ def dare_merge_block(base, deltas, first, words, thresholds, modes, values, weig
             t = thresholds[k]
             v = values[k]
             mode = modes[k]
-            if t >= _U64(1) << _U64(32):
+            if t >= _U64(1) << _U64(32) or selects[k] == 1:
                 kp[:] = zero
+                continue
+            if t == _U64(0) and mode == 0:
+                kp[:] = d
+                _select(kp, selects, kths, ties_left, trims, k)
                 continue
             if t == _U64(0):
                 dr[:] = np.uint32(0)
@@ -446,6 +515,7 @@ def dare_merge_block(base, deltas, first, words, thresholds, modes, values, weig
             else:
                 for j in range(m):
                     kp[j] = d[j] if dr[j] >= t32 else zero
+            _select(kp, selects, kths, ties_left, trims, k)
         # fusion
         tot[:] = zero
         for k in range(count):
@@ -521,9 +591,11 @@ def warm_up() -> None:
     bf16_delta(bits, np.ones(8, dtype=np.float32), d)
     args = (np.zeros((2, 4), dtype=np.uint64), np.ones(2, dtype=np.uint64),
             np.zeros(2, dtype=np.int64), np.ones(2, dtype=np.float32),
-            np.ones(2, dtype=np.float32), TIES, ELECT_SUM, DISJOINT_MEAN, False,
+            np.array([SELECT_NONE, SELECT_GREATER], dtype=np.int64),
+            np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.int64),
+            np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), TIES, ELECT_SUM, DISJOINT_MEAN, False,
             np.float32(2.0), np.float32(1.0))
     whole = np.zeros((2, 8), dtype=np.float32)
     partial = np.zeros((2, 16), dtype=np.float32)[:, :8]  # a tensor's last, short block
     for deltas in (whole, partial):
-        dare_merge_block(d, deltas, 0, *args, np.empty(8, dtype=np.float32))
+        merge_block(d, deltas, 0, *args, np.empty(8, dtype=np.float32))
