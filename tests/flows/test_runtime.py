@@ -36,9 +36,11 @@ seen["settings_url"] = PREFECT_API_URL.value()
 manifest = run_merge(sys.argv[1], sys.argv[2], store=sys.argv[3], max_workers=1)
 with get_client(sync_client=True) as client:
     run = client.read_flow_run(manifest["flow_run_id"])
+    block_types = len(client.read_block_types())
 seen.update(ready=server.ready, state=run.state.type.value, flow_run=run.name,
             server_pid=server.process.pid, shards=len(manifest["shards"]),
-            server_module_imported="prefect.server.api.server" in sys.modules)
+            server_module_imported="prefect.server.api.server" in sys.modules,
+            block_types=block_types)
 print(json.dumps(seen))
 """
 
@@ -89,6 +91,10 @@ def test_command_starts_its_server_first_and_its_flow_runs_there(pico_family, tm
     assert (seen["state"], seen["flow_run"], seen["shards"]) == ("COMPLETED", "out (task_arithmetic)", 4)
     assert seen["server_module_imported"] is False
     assert "Starting temporary server" not in proc.stderr
+    # it registered no block types as it started, nor checked whether it had to (that
+    # check imports every Prefect collection, then records its hash in the memo store)
+    assert seen["block_types"] == 0
+    assert not (tmp_path / "prefect" / "memo_store.toml").exists()
     # and it ends with the command
     assert _gone(seen["server_pid"], within=10)
 
@@ -197,3 +203,22 @@ def test_command_that_leaves_during_the_server_start_prints_nothing_of_it(tmp_pa
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr == "", (delay, proc.stderr)
         assert _gone(int(proc.stdout.strip()), within=10), delay
+
+
+def test_server_registers_block_types_where_the_environment_asks(monkeypatch):
+    from dareflow.flows import runtime
+
+    for name in runtime.REGISTER_BLOCKS_ALIASES:
+        monkeypatch.delenv(name, raising=False)
+    env = runtime.server_environment()
+    assert {name: env[name] for name in runtime.REGISTER_BLOCKS_SETTINGS} == {
+        "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
+        "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false"}
+    # a user's own choice, by any of Prefect's names, stands
+    for name in runtime.REGISTER_BLOCKS_ALIASES:
+        monkeypatch.setenv(name, "true")
+        env = runtime.server_environment()
+        assert env[name] == "true"
+        assert all(env.get(other) != "false" for other in runtime.REGISTER_BLOCKS_ALIASES)
+        monkeypatch.delenv(name)
+
