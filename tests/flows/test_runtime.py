@@ -30,10 +30,11 @@ seen = {"env_url": os.environ["PREFECT_API_URL"], "server_url": server.api_url,
         "alive_at_start": server.process.poll() is None, "prefect_before": prefect_before}
 from dareflow.flows.merge import run_merge
 from prefect import get_client
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, get_current_settings
 
 seen["settings_url"] = PREFECT_API_URL.value()
 manifest = run_merge(sys.argv[1], sys.argv[2], store=sys.argv[3], max_workers=1)
+seen["heartbeat"] = get_current_settings().flows.heartbeat_frequency
 with get_client(sync_client=True) as client:
     run = client.read_flow_run(manifest["flow_run_id"])
     block_types = len(client.read_block_types())
@@ -94,6 +95,9 @@ def test_command_starts_its_server_first_and_its_flow_runs_there(pico_family, tm
     # it registered no block types as it started, nor checked whether it had to (that
     # check imports every Prefect collection, then records its hash in the memo store)
     assert seen["block_types"] == 0
+    # and its flow runs send no heartbeats: nobody reads them, and each flow run ended
+    # by joining their thread (0-1 s)
+    assert seen["heartbeat"] is None
     assert not (tmp_path / "prefect" / "memo_store.toml").exists()
     # and it ends with the command
     assert _gone(seen["server_pid"], within=10)
@@ -147,8 +151,14 @@ NAMED_API_SCRIPT = """
 import json, os, sys
 from dareflow.flows import runtime
 
-print(json.dumps({"server": runtime.start_temporary_server() is None and "none",
-                  "prefect": "prefect" in sys.modules, "url": os.environ["PREFECT_API_URL"]}))
+server = runtime.start_temporary_server()
+runtime.api_ready()
+prefect_imported = "prefect" in sys.modules
+from prefect.settings import get_current_settings
+
+print(json.dumps({"server": server is None and "none", "prefect": prefect_imported,
+                  "url": os.environ["PREFECT_API_URL"],
+                  "heartbeat": get_current_settings().flows.heartbeat_frequency}))
 """
 
 
@@ -157,8 +167,9 @@ def test_named_api_starts_no_server(tmp_path):
                           env=_env(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api"),
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
+    # a named server keeps Prefect's flow-run heartbeats (it may mark silent runs crashed)
     assert json.loads(proc.stdout) == {"server": "none", "prefect": False,
-                                       "url": "http://127.0.0.1:9/api"}
+                                       "url": "http://127.0.0.1:9/api", "heartbeat": 180}
 
 
 #: Starts the server and prints how long it took to answer (seconds).
