@@ -320,3 +320,26 @@ def test_the_issues_ties_recipe_gives_mergekits_numbers():
     fts = [torch.tensor([1.5, 0.75, 1.125, 1.0]), torch.tensor([1.25, 1.5, 0.875, 1.0])]
     out = merge_tensor(f"model.layers.0.{MLP}", base, fts, build_spec(recipe, "float32"))
     assert torch.equal(out, torch.tensor([1.375, 1.5, 1.125, 1.0]))
+
+
+@pytest.mark.parametrize(("method", "warms"), [("ties", True), ("task_arithmetic", True),
+                                                ("dare_ties", True), ("magnitude_linear", True),
+                                                ("linear", False)])
+def test_kernels_load_in_the_background_for_every_method_with_a_base(monkeypatch, method,
+                                                                      warms):
+    # every merge against a base runs its final pass in the compiled kernels: their load
+    # overlaps the flow run's start instead of stalling the first units (linear has none)
+    from dareflow.merge import plan
+
+    started = []
+    monkeypatch.setattr(plan, "_warming", None)
+    monkeypatch.setattr(plan, "warm_up", lambda: started.append(method))
+    data = {"merge_method": method, "models": [{"model": "a", "parameters": {"weight": 1.0}}]}
+    if method != "linear":
+        data["base_model"] = "base"
+    if method in ("ties", "dare_ties", "magnitude_linear"):
+        data["models"][0]["parameters"]["density"] = 0.5
+    plan.warm_up_kernels(parse_recipe(data))
+    if plan._warming is not None:
+        plan._warming.join(timeout=10)
+    assert started == ([method] if warms else [])
