@@ -95,10 +95,10 @@ def test_command_starts_its_server_first_and_its_flow_runs_there(pico_family, tm
     # it registered no block types as it started, nor checked whether it had to (that
     # check imports every Prefect collection, then records its hash in the memo store)
     assert seen["block_types"] == 0
+    assert not (tmp_path / "prefect" / "memo_store.toml").exists()
     # and its flow runs send no heartbeats: nobody reads them, and each flow run ended
     # by joining their thread (0-1 s)
     assert seen["heartbeat"] is None
-    assert not (tmp_path / "prefect" / "memo_store.toml").exists()
     # and it ends with the command
     assert _gone(seen["server_pid"], within=10)
 
@@ -232,4 +232,3 @@ def test_server_registers_block_types_where_the_environment_asks(monkeypatch):
         assert env[name] == "true"
         assert all(env.get(other) != "false" for other in runtime.REGISTER_BLOCKS_ALIASES)
         monkeypatch.delenv(name)
-

@@ -359,7 +359,6 @@ class _Merge:
         (the 32000 x 2048 embeddings: 262 MB per model, two such units at once)."""
         below = dict.fromkeys(positions, 0)  # magnitudes below the current bucket
         high = dict.fromkeys(positions, -1)
-        hists = {}
         for _ in range(2):
             hists = {k: np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64) for k in positions}
             for start, stop in self._blocks():

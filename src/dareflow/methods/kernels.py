@@ -431,8 +431,8 @@ def _select(kp, selects, kths, ties_left, trims, k):
 
 @_jit
 def merge_block(base, deltas, first, words, thresholds, modes, values, selects, kths,
-                     ties_left, trims, weights, consensus, elect, disjoint, normalize, divisor,
-                     scale, out):
+                ties_left, trims, weights, consensus, elect, disjoint, normalize, divisor,
+                scale, out):
     """DARE and magnitude selection of every model, then fusion, then
     ``base + scale * merged``, for one block.
 
@@ -491,10 +491,10 @@ def merge_block(base, deltas, first, words, thresholds, modes, values, selects, 
             t = thresholds[k]
             v = values[k]
             mode = modes[k]
-            if t >= _U64(1) << _U64(32) or selects[k] == 1:
+            if t >= _U64(1) << _U64(32) or selects[k] == SELECT_ZERO:
                 kp[:] = zero
                 continue
-            if t == _U64(0) and mode == 0:
+            if t == _U64(0) and mode == KEEP:  # nothing dropped, nothing rescaled
                 kp[:] = d
                 _select(kp, selects, kths, ties_left, trims, k)
                 continue
@@ -593,8 +593,8 @@ def warm_up() -> None:
             np.zeros(2, dtype=np.int64), np.ones(2, dtype=np.float32),
             np.array([SELECT_NONE, SELECT_GREATER], dtype=np.int64),
             np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.int64),
-            np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), TIES, ELECT_SUM, DISJOINT_MEAN, False,
-            np.float32(2.0), np.float32(1.0))
+            np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32),
+            TIES, ELECT_SUM, DISJOINT_MEAN, False, np.float32(2.0), np.float32(1.0))
     whole = np.zeros((2, 8), dtype=np.float32)
     partial = np.zeros((2, 16), dtype=np.float32)[:, :8]  # a tensor's last, short block
     for deltas in (whole, partial):
