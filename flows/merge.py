@@ -15,7 +15,9 @@ from typing import Any
 
 from prefect import flow, get_client, unmapped
 from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -94,7 +96,7 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
         checked = preflight_merge.submit(recipe_in, quoted(store), quoted(out))
         checked.result()
         mirrored = mirror_source.map(quoted(source_specs(parsed)), quoted(unmapped(store)),
-                                     wait_for=[checked])
+                                     wait_for=[finished(checked)])
         sources = resolve_sources.submit(recipe_in, mirrored)
         results_in_store = result_storage(store)
         # DARE gate: refuses deltas too large for DARE; cached by input fingerprints
@@ -110,11 +112,11 @@ def merge_flow(recipe: dict[str, Any], out: str, store: str | None = None,
         jobs = plan["units"]
         order = sorted(range(len(jobs)), key=lambda i: -jobs[i].get("elements", 0))
         futures = unit_task.map(quoted(unmapped(plan)), quoted([jobs[i] for i in order]),
-                                wait_for=[planned])
+                                wait_for=[finished(planned)])
         done = [futures[order.index(i)] for i in range(len(jobs))]
         results = [f.result() for f in done]
         manifest = assemble_model.submit(quoted(plan), done, quoted(out), overwrite,
-                                         wait_for=[planned]).result()
+                                         wait_for=[finished(planned)]).result()
     report_merge.submit(quoted(name), quoted(out), quoted(results), quoted(verdicts),
                         wait_for=done).result()
     cached = sum(r["cached"] for r in results)
@@ -135,6 +137,18 @@ def quote_for(task_runner: Any) -> Callable[[Any], Any]:
     if isinstance(task_runner, ThreadPoolTaskRunner):
         return quote
     return lambda value: value
+
+
+def finished(future: PrefectFuture[Any]) -> State[Any]:
+    """What a task waits on once ``future``'s result is in hand: its final state, carrying
+    a marker instead of its result (the waiting task resolves ``wait_for`` and drops it).
+
+    The run's graph keeps the edge, as for the future itself. A future in ``wait_for`` is a
+    data dependency to Dask, which places every waiting task on the one worker holding the
+    result (the units of a merge all ran on the worker that made the plan); and a state
+    with its result attached makes Prefect trace extra edges through the result's contents.
+    """
+    return future.state.model_copy(update={"data": "completed"})
 
 
 def tag_flow_run(run_tags: list[str]) -> None:

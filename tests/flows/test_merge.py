@@ -152,3 +152,33 @@ def test_existing_output_is_not_overwritten(pico_family, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     run_merge(str(recipe), str(out), overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_finished_keeps_the_edge_and_drops_the_result():
+    """wait_for=[finished(f)] records f's task run as the upstream (the UI's edge) but hands
+    the task runner a state, not a future: no Dask data dependency pins the waiting tasks to
+    the worker holding f's result, and the result's contents make no extra edges."""
+    from prefect import flow, task
+    from prefect.client.schemas.objects import TaskRunResult
+    from prefect.futures import PrefectFuture
+    from prefect.utilities.engine import collect_task_run_inputs_sync
+
+    from dareflow.flows.merge import finished
+
+    @task
+    def make_plan():
+        return {"units": ["embeddings", "layer_000"]}
+
+    @flow
+    def one_task():
+        planned = make_plan.submit()
+        assert planned.result() == {"units": ["embeddings", "layer_000"]}
+        state = finished(planned)
+        assert not isinstance(state, PrefectFuture) and state.is_completed()
+        assert state.state_details.task_run_id == planned.task_run_id
+        assert state.data == "completed"
+        assert planned.state.result() == {"units": ["embeddings", "layer_000"]}  # untouched
+        return collect_task_run_inputs_sync([state]), planned.task_run_id
+
+    inputs, upstream = one_task()
+    assert inputs == {TaskRunResult(id=upstream)}
