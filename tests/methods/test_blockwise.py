@@ -201,16 +201,25 @@ def test_blockwise_keeps_mergekit_density_count(method, density):
     assert kept == max(1, int(density * 37 * 301))
 
 
+@pytest.mark.parametrize("window", ["predicted", "elsewhere", "none"])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_magnitude_threshold_by_histograms_is_the_sorted_kth(quantized):
-    # the CPU kernels' two histogram passes find what sorting |δ| finds: the k-th
-    # largest magnitude, how many are greater, how many tie with it (few distinct
-    # deltas: thousands of ties; exact zeros: the +0/-0 bucket)
+def test_magnitude_threshold_by_histograms_is_the_sorted_kth(quantized, window, monkeypatch):
+    # the CPU kernels' histograms find what sorting |δ| finds: the k-th largest
+    # magnitude, how many are greater, how many tie with it (few distinct deltas:
+    # thousands of ties; exact zeros: the +0/-0 bucket), whether the sample's window of
+    # buckets holds the threshold's (one pass) or not (a second pass counts it)
     base, fts = _family((37, 301), torch.float32, quantized)
     fts[0].reshape(-1)[:500] = base.reshape(-1)[:500]  # δ = 0 exactly
     spec = _spec("ties", {}, (0.3, 0.8), torch.float32)
     merge = blockwise._Merge(NAME, base, fts, spec, 1024)
     assert merge.use_kernels
+    if window == "elsewhere":  # buckets of inf and NaN: never a finite threshold's
+        monkeypatch.setattr(merge, "_likely_buckets", lambda k, position: (0x7F80, 4))
+    elif window == "none":
+        monkeypatch.setattr(merge, "_likely_buckets", lambda k, position: (0, 0))
+    passes = []
+    monkeypatch.setattr(blockwise.kernels, "bucket_histogram",
+                        _counting(blockwise.kernels.bucket_histogram, passes))
     n = base.numel()
     mags = [(ft - base).abs().reshape(-1).sort().values for ft in fts]
     for position in (0, 1, 499, 500, n // 2, n - 2, n - 1):
@@ -223,3 +232,41 @@ def test_magnitude_threshold_by_histograms_is_the_sorted_kth(quantized):
             assert greater == int((mags[k] > mags[k][at]).sum())
             assert ties == int((mags[k] == mags[k][at]).sum())
         assert found == {k: merge._kth_by_sorting(k, at) for k, at in positions.items()}
+    # the whole tensor is sampled here (fewer elements than THRESHOLD_SAMPLE): never missed
+    assert (len(passes) > 0) == (window != "predicted")
+
+
+def _counting(kernel, calls):
+    def counted(*args):
+        calls.append(args[1])
+        return kernel(*args)
+    return counted
+
+
+def test_sampled_window_holds_the_threshold_and_a_miss_stays_exact(monkeypatch):
+    # 620 k deltas, sampled every 9th: the predicted buckets (at most THRESHOLD_WINDOW)
+    # hold the sorted threshold's at densities from 0.001 to 0.999; deltas planted at exactly the sampled
+    # positions mislead the sample, and the second pass still finds the exact threshold
+    base, fts = _family((2048, 303), torch.bfloat16, False)
+    spec = _spec("ties", {}, (0.5, 0.5), torch.float32)
+    merge = blockwise._Merge(NAME, base, fts, spec, 1 << 18)
+    n = merge.n
+    stride = n // blockwise.THRESHOLD_SAMPLE
+    assert stride == 9
+    mags = (fts[0].float() - base.float()).abs().reshape(-1).sort().values
+    # (not the extremes: the largest |δ| is rarely among the sampled)
+    for position in (n // 1000, n // 100, n // 3, n // 2, n - n // 10, n - n // 100):
+        first, count = merge._likely_buckets(0, position)
+        assert 1 <= count <= blockwise.THRESHOLD_WINDOW
+        bucket = int(mags[position:position + 1].numpy().view(np.uint32)[0] >> 16)
+        assert first <= bucket < first + count, (position, first, count, bucket)
+    fts[1].reshape(-1)[::stride] = 1000.0  # every sampled |δ_1| is ~1000
+    merge = blockwise._Merge(NAME, base, fts, spec, 1 << 18)
+    passes = []
+    monkeypatch.setattr(blockwise.kernels, "bucket_histogram",
+                        _counting(blockwise.kernels.bucket_histogram, passes))
+    positions = {0: n // 2, 1: n // 2}
+    found = merge._kths_by_histograms(positions)
+    assert found == {k: merge._kth_by_sorting(k, at) for k, at in positions.items()}
+    # one second pass, for model 1's bucket only (model 0's was predicted)
+    assert set(passes) == {int(np.float32(found[1][0]).view(np.uint32)) >> 16}

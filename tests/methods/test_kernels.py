@@ -62,7 +62,7 @@ def test_dare_apply_modes():
 def test_warm_up_leaves_every_kernel_compiled():
     kernels.warm_up()
     for kernel in (kernels.philox_fill, kernels.dare_l1_pass, kernels.dare_apply,
-                   kernels.magnitude_histogram,
+                   kernels.magnitude_histogram, kernels.bucket_histogram,
                    kernels.abs_sum, kernels.merge_block, kernels.bf16_widen,
                    kernels.bf16_delta):
         assert kernel.signatures, kernel
@@ -90,18 +90,34 @@ def test_bf16_delta_is_torch_sub_of_a_bf16_and_a_float32():
 
 
 def test_magnitude_histogram_counts_by_the_magnitude_bit_pattern():
-    x = np.array([0.0, -0.0, 1.0, -1.0, 1.5, 2.0, np.inf, -np.inf, 1e-45, -3.0],
+    x = np.array([0.0, -0.0, 1.0, -1.0, 1.5, 2.0, np.inf, -np.inf, 1e-45, -3.0, 1.0078125],
                  dtype=np.float32)
     bits = x.view(np.uint32)
     upper = np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64)
-    kernels.magnitude_histogram(bits, -1, upper)
+    window = np.zeros((2, kernels.HISTOGRAM_BINS), dtype=np.int64)
+    kernels.magnitude_histogram(bits, upper, 0x3F80, window)
     # |x| patterns: +0 and the subnormal share bucket 0; 1.0 (0x3F80_0000) twice;
-    # 1.5 0x3FC0; 2.0 0x4000; 3.0 0x4040; inf 0x7F80 twice
+    # 1.0078125 0x3F81; 1.5 0x3FC0; 2.0 0x4000; 3.0 0x4040; inf 0x7F80 twice
     assert {int(b): int(c) for b, c in enumerate(upper) if c} == {
-        0x0000: 3, 0x3F80: 2, 0x3FC0: 1, 0x4000: 1, 0x4040: 1, 0x7F80: 2}
+        0x0000: 3, 0x3F80: 2, 0x3F81: 1, 0x3FC0: 1, 0x4000: 1, 0x4040: 1, 0x7F80: 2}
+    # the window's rows: buckets 0x3F80 and 0x3F81, by their lower 16 bits
+    assert [{int(b): int(c) for b, c in enumerate(row) if c} for row in window] == [
+        {0: 2}, {0: 1}]
+    no_window = np.zeros((0, kernels.HISTOGRAM_BINS), dtype=np.int64)
+    again = np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64)
+    kernels.magnitude_histogram(bits, again, 0x3F80, no_window)
+    assert np.array_equal(again, upper)
+    below = np.zeros((1, kernels.HISTOGRAM_BINS), dtype=np.int64)  # the window before 0x3F80
+    kernels.magnitude_histogram(bits, again, 0x3F7F, below)
+    assert not below.any()
+
+
+def test_bucket_histogram_counts_one_bucket_by_its_lower_bits():
+    x = np.array([0.0, -0.0, 1.0, -1.0, 1.5, 1e-45, -3.0], dtype=np.float32)
+    bits = x.view(np.uint32)
     lower = np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64)
-    kernels.magnitude_histogram(bits, 0x0000, lower)
+    kernels.bucket_histogram(bits, 0x0000, lower)
     assert {int(b): int(c) for b, c in enumerate(lower) if c} == {0: 2, 1: 1}
     lower[:] = 0
-    kernels.magnitude_histogram(bits, 0x3F80, lower)
+    kernels.bucket_histogram(bits, 0x3F80, lower)
     assert {int(b): int(c) for b, c in enumerate(lower) if c} == {0: 2}

@@ -56,6 +56,12 @@ BLOCK_ELEMENTS = L1_BLOCK
 SERIAL_BLOCK_ELEMENTS = 1 << 18
 #: Elements per block on accelerators (big kernels, few launches).
 DEVICE_BLOCK_ELEMENTS = 1 << 22
+#: |δ| sampled (evenly spaced) to predict the bucket of a magnitude threshold, and the
+#: most buckets counted by their lower bits in the same pass (``_likely_buckets``).
+THRESHOLD_SAMPLE = 1 << 16
+THRESHOLD_WINDOW = 4
+#: Standard deviations of the sample's rank either side of the threshold's estimate.
+THRESHOLD_SPREAD = 4.0
 
 # float dtypes whose promotion to float32 inside an op is an exact upcast, so
 # ``torch.sub(bf16, f32)`` equals ``bf16.to(f32) - f32`` bit for bit.
@@ -351,32 +357,73 @@ class _Merge:
 
     def _kths_by_histograms(self, positions: dict[int, int]) -> dict[int, tuple[float, int, int]]:
         """For each model ``k`` of ``positions``: the ``positions[k]``-th smallest
-        ``|δ̂_k|`` (0-based), how many are greater and how many equal it, in two passes
-        over the blocks (CPU kernels; every model in the same pass, the base block
-        loaded once): a histogram of the upper 16 bits of the magnitudes' float32
-        patterns finds the value's upper half, one of the lower 16 bits of the values in
-        that bucket the rest. Exact, like a sort, without a float32 copy of the tensor
-        (the 32000 x 2048 embeddings: 262 MB per model, two such units at once)."""
-        below = dict.fromkeys(positions, 0)  # magnitudes below the current bucket
-        high = dict.fromkeys(positions, -1)
-        for _ in range(2):
-            hists = {k: np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64) for k in positions}
+        ``|δ̂_k|`` (0-based), how many are greater and how many equal it (CPU kernels;
+        every model in the same pass, the base block loaded once). A histogram of the
+        upper 16 bits of the magnitudes' float32 patterns finds the value's upper half;
+        the lower 16 bits of the values in that bucket, counted in the same pass for the
+        few buckets a sample predicts (:meth:`_likely_buckets`), the rest; a second pass
+        counts them when the bucket was not predicted. Exact, like a sort, without a
+        float32 copy of the tensor (the 32000 x 2048 embeddings: 262 MB per model, two
+        such units at once)."""
+        windows = {k: self._likely_buckets(k, position) for k, position in positions.items()}
+        upper = {k: np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64) for k in positions}
+        lower = {k: np.zeros((count, kernels.HISTOGRAM_BINS), dtype=np.int64)
+                 for k, (_, count) in windows.items()}
+        for start, stop in self._blocks():
+            b = self._base_block(start, stop)
+            for k in positions:
+                d = self._before_select(k, start, stop, b)
+                kernels.magnitude_histogram(d.numpy().view(np.uint32), upper[k], windows[k][0],
+                                            lower[k])
+        below, high, low = {}, {}, {}
+        for k, hist in upper.items():
+            cumulative = np.cumsum(hist)
+            high[k] = int(np.searchsorted(cumulative, positions[k], side="right"))
+            below[k] = int(cumulative[high[k]] - hist[high[k]])
+            first, count = windows[k]
+            if first <= high[k] < first + count:
+                low[k] = lower[k][high[k] - first]
+        missed = {k: np.zeros(kernels.HISTOGRAM_BINS, dtype=np.int64)
+                  for k in positions if k not in low}
+        if missed:
             for start, stop in self._blocks():
                 b = self._base_block(start, stop)
-                for k, hist in hists.items():
+                for k, hist in missed.items():
                     d = self._before_select(k, start, stop, b)
-                    kernels.magnitude_histogram(d.numpy().view(np.uint32), high[k], hist)
-            for k, hist in hists.items():
-                cumulative = np.cumsum(hist)
-                bucket = int(np.searchsorted(cumulative, positions[k] - below[k], side="right"))
-                below[k] += int(cumulative[bucket] - hist[bucket])
-                high[k] = bucket if high[k] < 0 else (high[k] << 16) | bucket
+                    kernels.bucket_histogram(d.numpy().view(np.uint32), high[k], hist)
+            low.update(missed)
         found = {}
-        for k, hist in hists.items():
-            ties = int(hist[high[k] & 0xFFFF])
-            kth = float(np.array([high[k]], dtype=np.uint32).view(np.float32)[0])
-            found[k] = (kth, self.n - below[k] - ties, ties)
+        for k, hist in low.items():
+            cumulative = np.cumsum(hist)
+            bucket = int(np.searchsorted(cumulative, positions[k] - below[k], side="right"))
+            below[k] += int(cumulative[bucket] - hist[bucket])
+            ties = int(hist[bucket])
+            bits = np.array([(high[k] << 16) | bucket], dtype=np.uint32)
+            found[k] = (float(bits.view(np.float32)[0]), self.n - below[k] - ties, ties)
         return found
+
+    def _likely_buckets(self, k: int, position: int) -> tuple[int, int]:
+        """The first bucket and the number of buckets (at most ``THRESHOLD_WINDOW``; 0: no
+        prediction) that likely hold the ``position``-th smallest ``|δ_k|``, from
+        ``THRESHOLD_SAMPLE`` evenly spaced ``|δ_k|``: the buckets of the sample's ranks
+        ``THRESHOLD_SPREAD`` binomial standard deviations either side of the estimate,
+        clamped around it. None after DARE (the sampled δ would need their blocks' drops)."""
+        if self.row.sparsification == "dare":
+            return 0, 0
+        stride = max(1, self.n // THRESHOLD_SAMPLE)
+        ft = self.fts[k][::stride].float()
+        sample = ft if self.base is None else ft - self.base[::stride].float()
+        magnitudes = np.sort(sample.abs().numpy().view(np.uint32))
+        size = magnitudes.size
+        q = position / max(1, self.n - 1)
+        estimate = q * (size - 1)  # = position when every |δ| is sampled
+        spread = THRESHOLD_SPREAD * (size * q * (1.0 - q)) ** 0.5 + 1.0
+        ranks = [int(np.clip(round(r), 0, size - 1))
+                 for r in (estimate - spread, estimate, estimate + spread)]
+        lo, mid, hi = (int(magnitudes[r] >> 16) for r in ranks)
+        first = max(lo, mid - THRESHOLD_WINDOW // 2)
+        last = min(hi, first + THRESHOLD_WINDOW - 1)
+        return first, last - first + 1
 
     # ------------------------------------------------------------------ fuse
 

@@ -29,6 +29,7 @@ __all__ = [
     "abs_sum",
     "bf16_delta",
     "bf16_widen",
+    "bucket_histogram",
     "dare_apply",
     "dare_l1_pass",
     "magnitude_histogram",
@@ -312,27 +313,50 @@ HISTOGRAM_BINS = 1 << 16
 
 
 @_jit
-def magnitude_histogram(bits, high, hist):
-    """Count ``|x|`` of float32 values by 16 bits of their bit pattern.
+def magnitude_histogram(bits, upper, first, lower):
+    """Count ``|x|`` of float32 values by the upper 16 bits of their bit pattern, and by
+    the lower 16 bits those whose upper bits fall in a window of buckets.
 
     The bit pattern of a non-negative float32 (``+0``, subnormals, ``inf``, NaN last)
-    orders as the value does, and ``|x|`` is the pattern without its sign bit: two
-    passes find the exact k-th largest magnitude of a tensor from its blocks, with no
-    copy of the tensor (``blockwise._Merge.select_pass``).
+    orders as the value does, and ``|x|`` is the pattern without its sign bit: the two
+    histograms give the exact k-th largest magnitude of a tensor from its blocks, with no
+    copy of the tensor, when the window holds its bucket (``blockwise._Merge.select_pass``;
+    else :func:`bucket_histogram` in a second pass).
 
     Args:
         bits: uint32 view of a float32 block.
-        high: -1: count by the upper 16 bits of ``|x|``; else count, by the lower 16
-            bits, only the values whose upper 16 bits are ``high``.
+        upper: int64[:data:`HISTOGRAM_BINS`], added to.
+        first: The window's first bucket (upper 16 bits).
+        lower: int64[window, :data:`HISTOGRAM_BINS`], added to: row ``i`` counts the
+            values of bucket ``first + i`` by their lower 16 bits (no rows: no window).
+    """
+    magnitude = np.uint32(0x7FFFFFFF)
+    shift = np.uint32(16)
+    low = np.uint32(0xFFFF)
+    window = lower.shape[0]
+    for i in range(bits.shape[0]):
+        x = bits[i] & magnitude
+        bucket = x >> shift
+        upper[bucket] += 1
+        row = np.int64(bucket) - first
+        if row >= 0 and row < window:
+            lower[row, x & low] += 1
+
+
+@_jit
+def bucket_histogram(bits, high, hist):
+    """Count, by the lower 16 bits of their bit pattern, the ``|x|`` of float32 values
+    whose upper 16 bits are ``high`` (a bucket outside :func:`magnitude_histogram`'s
+    window).
+
+    Args:
+        bits: uint32 view of a float32 block.
+        high: The bucket (upper 16 bits of ``|x|``).
         hist: int64[:data:`HISTOGRAM_BINS`], added to.
     """
     magnitude = np.uint32(0x7FFFFFFF)
     shift = np.uint32(16)
     low = np.uint32(0xFFFF)
-    if high < 0:
-        for i in range(bits.shape[0]):
-            hist[(bits[i] & magnitude) >> shift] += 1
-        return
     h = np.uint32(high)
     for i in range(bits.shape[0]):
         x = bits[i] & magnitude
@@ -584,8 +608,9 @@ def warm_up() -> None:
     dare_apply(d, draws, 1, 0.5, DIVIDE)
     abs_sum(d)
     hist = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
-    magnitude_histogram(d.view(np.uint32), -1, hist)
-    magnitude_histogram(d.view(np.uint32), 0x3F80, hist)
+    magnitude_histogram(d.view(np.uint32), hist, 0x3F80, np.zeros((1, HISTOGRAM_BINS),
+                                                                   dtype=np.int64))
+    bucket_histogram(d.view(np.uint32), 0x3F80, hist)
     bits = np.zeros(8, dtype=np.uint16)
     bf16_widen(bits, d)
     bf16_delta(bits, np.ones(8, dtype=np.float32), d)
