@@ -186,16 +186,16 @@ def without_flow_heartbeats() -> None:
     nobody reads them; and each flow run ended by joining its heartbeat thread, which
     sleeps in 1 s steps: 0 to 1 s (0.9 s measured) between a flow's last task and its
     end. Only where this process started its own server (a server named in
-    ``PREFECT_API_URL`` keeps them).
+    ``PREFECT_API_URL`` keeps them). A copy of the settings with the one field replaced
+    (``Settings.copy_with_update`` would read the profile and validate every setting
+    again: 45 ms, after the server answered).
     """
     import prefect.context
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
     current = prefect.context.GLOBAL_SETTINGS_CONTEXT
+    flows = current.settings.flows.model_copy(update={"heartbeat_frequency": None})
     prefect.context.GLOBAL_SETTINGS_CONTEXT = prefect.context.SettingsContext(
-        profile=current.profile,
-        settings=current.settings.copy_with_update(
-            updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+        profile=current.profile, settings=current.settings.model_copy(update={"flows": flows}))
 
 
 def use_api(url: str) -> None:
@@ -384,12 +384,26 @@ def one_line_failures() -> None:
 _FAILURES = OneLineFailures()
 
 
+def one_app_per_process() -> None:
+    """Key Prefect's app caches by a constant in the temporary server's process.
+
+    ``create_app`` and ``create_api_app`` cache the apps they build by a hash of every
+    Prefect setting (``Settings.hash_key``: 0.1 s each on this machine, both on the
+    server's way to its first answer), so that a process building apps under different
+    settings gets one per settings. The temporary server's process builds one app, once.
+    """
+    from prefect.settings.models.root import Settings
+
+    Settings.hash_key = lambda self: "dareflow-temporary-server"
+
+
 def main(argv: list[str]) -> None:
     """``python -m dareflow.flows.runtime PARENT_PID UVICORN_ARGS...``: uvicorn, as
     ``python -m uvicorn UVICORN_ARGS...`` runs it, for as long as PARENT_PID lives."""
     parent = int(argv[0])
     threading.Thread(target=watch_parent, args=(parent,), name="dareflow-parent-watch",
                      daemon=True).start()
+    one_app_per_process()
     from uvicorn.main import main as uvicorn_main
 
     uvicorn_main(args=argv[1:], prog_name="uvicorn")  # exits (3: port taken, Prefect retries)

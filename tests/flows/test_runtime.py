@@ -35,6 +35,7 @@ from prefect.settings import PREFECT_API_URL, get_current_settings
 seen["settings_url"] = PREFECT_API_URL.value()
 manifest = run_merge(sys.argv[1], sys.argv[2], store=sys.argv[3], max_workers=1)
 seen["heartbeat"] = get_current_settings().flows.heartbeat_frequency
+seen["url_after"] = PREFECT_API_URL.value()
 with get_client(sync_client=True) as client:
     run = client.read_flow_run(manifest["flow_run_id"])
     block_types = len(client.read_block_types())
@@ -99,6 +100,7 @@ def test_command_starts_its_server_first_and_its_flow_runs_there(pico_family, tm
     # and its flow runs send no heartbeats: nobody reads them, and each flow run ended
     # by joining their thread (0-1 s)
     assert seen["heartbeat"] is None
+    assert seen["url_after"] == seen["server_url"]  # the rest of the settings as they were
     # and it ends with the command
     assert _gone(seen["server_pid"], within=10)
 
@@ -232,3 +234,29 @@ def test_server_registers_block_types_where_the_environment_asks(monkeypatch):
         assert env[name] == "true"
         assert all(env.get(other) != "false" for other in runtime.REGISTER_BLOCKS_ALIASES)
         monkeypatch.delenv(name)
+
+
+ONE_APP_SCRIPT = """
+import json
+from dareflow.flows import runtime
+from prefect.server.api.server import create_app
+from prefect.settings import PREFECT_SERVER_CORS_ALLOWED_ORIGINS, get_current_settings, temporary_settings
+
+runtime.one_app_per_process()
+app = create_app(ephemeral=True, final=True)
+with temporary_settings({PREFECT_SERVER_CORS_ALLOWED_ORIGINS: "http://example.invalid"}):
+    again = create_app(ephemeral=True, final=True)
+    key = get_current_settings().hash_key()
+paths = {route.path for route in app.routes}
+print(json.dumps({"same_app": again is app, "key": key, "api": "/api" in paths}))
+"""
+
+
+def test_temporary_servers_process_keys_its_one_app_by_a_constant(tmp_path):
+    # the server's process builds one app: Prefect's app caches get a constant key instead
+    # of two hashes of every setting (0.1 s each) on its way to its first answer
+    proc = subprocess.run([sys.executable, "-c", ONE_APP_SCRIPT], env=_env(tmp_path), cwd=ROOT,
+                          capture_output=True, check=False, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "same_app": True, "key": "dareflow-temporary-server", "api": True}
