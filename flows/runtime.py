@@ -29,6 +29,7 @@ flow is about to run, so a bad recipe is still refused without waiting.
 
 import atexit
 import collections
+import importlib
 import logging
 import os
 import signal
@@ -44,6 +45,11 @@ from typing import Any
 PARENT_POLL_S = 0.25
 #: How long the server may take to shut down gracefully once its parent is gone.
 SHUTDOWN_GRACE_S = 5.0
+#: Modules Prefect imports only as a flow run starts (``fastapi.encoders``, for the flow
+#: run's parameters: 0.12 s; the flow and task engines), imported by :func:`api_ready`
+#: while the temporary server is still starting.
+FLOW_RUN_IMPORTS = ("fastapi.encoders", "prefect.flow_engine", "prefect.task_engine",
+                    "prefect.utilities.visualization")
 #: How often :func:`api_ready` asks a starting server for its health (seconds).
 HEALTH_POLL_S = 0.05
 #: uvicorn's exit code when its port is taken (started again on another port), or when
@@ -165,13 +171,16 @@ def start_temporary_server() -> TemporaryServer | None:
 
 def api_ready() -> None:
     """Wait until the temporary server of :func:`start_temporary_server` answers (a no-op
-    without one, and once it did). Called where a command is about to run a flow.
+    without one, and once it did). Called where a command is about to run a flow; the
+    modules Prefect imports only as the flow run starts load first, while it starts.
 
     Raises:
         ServerStartError: it did not start (see :meth:`TemporaryServer.wait`).
     """
     if _SERVER is None or _SERVER.ready:
         return
+    for module in FLOW_RUN_IMPORTS:
+        importlib.import_module(module)
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                                    STARTUP_TIMEOUT_S))
     _SERVER.wait(timeout)

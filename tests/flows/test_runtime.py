@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from dareflow.flows import runtime
 from tests.flows.conftest import write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,10 +33,13 @@ from dareflow.flows.merge import run_merge
 from prefect import get_client
 from prefect.settings import PREFECT_API_URL, get_current_settings
 
+seen["imported_early"] = [m for m in runtime.FLOW_RUN_IMPORTS if m in sys.modules]
+
 seen["settings_url"] = PREFECT_API_URL.value()
 manifest = run_merge(sys.argv[1], sys.argv[2], store=sys.argv[3], max_workers=1)
 seen["heartbeat"] = get_current_settings().flows.heartbeat_frequency
 seen["url_after"] = PREFECT_API_URL.value()
+seen["imported_late"] = [m for m in runtime.FLOW_RUN_IMPORTS if m in sys.modules]
 with get_client(sync_client=True) as client:
     run = client.read_flow_run(manifest["flow_run_id"])
     block_types = len(client.read_block_types())
@@ -92,6 +96,10 @@ def test_command_starts_its_server_first_and_its_flow_runs_there(pico_family, tm
     assert seen["ready"] is True
     assert (seen["state"], seen["flow_run"], seen["shards"]) == ("COMPLETED", "out (task_arithmetic)", 4)
     assert seen["server_module_imported"] is False
+    # what Prefect imports only as a flow run starts is not imported by the command's own
+    # imports; it was loaded while the server started
+    assert seen["imported_early"] == []
+    assert seen["imported_late"] == list(runtime.FLOW_RUN_IMPORTS)
     assert "Starting temporary server" not in proc.stderr
     # it registered no block types as it started, nor checked whether it had to (that
     # check imports every Prefect collection, then records its hash in the memo store)
