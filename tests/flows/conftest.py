@@ -47,6 +47,21 @@ def write_recipe(path: Path, data: dict) -> Path:
     return path
 
 
+def dare_ties_recipe(path: Path, base, a, b, seed: int | None = None) -> Path:
+    """The tests' dare_ties recipe over a base and two fine-tunes (paths or source
+    strings): drop rates 0.4 and 0.6, bfloat16, ``seed`` when given."""
+    data = {
+        "merge_method": "dare_ties",
+        "base_model": str(base),
+        "models": [{"model": str(a), "parameters": {"drop_rate": 0.4}},
+                   {"model": str(b), "parameters": {"drop_rate": 0.6}}],
+        "dtype": "bfloat16",
+    }
+    if seed is not None:
+        data["seed"] = seed
+    return write_recipe(path, data)
+
+
 @pytest.fixture(autouse=True)
 def _own_store(tmp_path, monkeypatch):
     """Each test gets its own artifact store, so no test reuses another's layers."""

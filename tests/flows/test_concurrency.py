@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dareflow.io import leases, storage
-from tests.flows.conftest import write_recipe
+from tests.flows.conftest import dare_ties_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,14 +127,8 @@ def _shards(out: Path) -> dict[str, str]:
 
 @pytest.mark.slow  # two processes, each starting its own Prefect server: 25-60 s
 def test_two_runs_at_once_compute_each_unit_once(pico_family, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", {
-        "merge_method": "dare_ties",
-        "base_model": str(pico_family["base"]),
-        "models": [{"model": str(pico_family["a"]), "parameters": {"drop_rate": 0.4}},
-                   {"model": str(pico_family["b"]), "parameters": {"drop_rate": 0.6}}],
-        "dtype": "bfloat16",
-        "seed": 3,
-    })
+    recipe = dare_ties_recipe(tmp_path / "r.yaml", pico_family["base"], pico_family["a"],
+                              pico_family["b"], seed=3)
     store = tmp_path / "store"
     # Both processes reach their units together whatever their Prefect start-up times,
     # and each holds a lease 0.5 s, so the other run finds it held.

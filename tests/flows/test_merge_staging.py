@@ -5,7 +5,7 @@ from pathlib import Path
 
 from dareflow.flows.merge import run_merge
 from dareflow.merge import output, publish
-from tests.flows.conftest import write_recipe
+from tests.flows.conftest import dare_ties_recipe
 
 
 def test_private_staging_is_a_local_run_folder_this_process_sees(tmp_path):
@@ -38,13 +38,8 @@ def test_merged_units_are_staged_from_memory_and_reused_units_copied(
         real_copy(src, dst, nbytes)
 
     monkeypatch.setattr(output, "copy_shard", counting_copy)
-    recipe = write_recipe(tmp_path / "r.yaml", {
-        "merge_method": "dare_ties",
-        "base_model": str(pico_family["base"]),
-        "models": [{"model": str(pico_family["a"]), "parameters": {"drop_rate": 0.4}},
-                   {"model": str(pico_family["b"]), "parameters": {"drop_rate": 0.6}}],
-        "dtype": "bfloat16",
-    })
+    recipe = dare_ties_recipe(tmp_path / "r.yaml", pico_family["base"], pico_family["a"],
+                              pico_family["b"])
     store = tmp_path / "store"
     first = run_merge(str(recipe), str(tmp_path / "out1"), store=str(store), max_workers=2)
     assert not any(first["cached"].values())

@@ -12,18 +12,12 @@ from pathlib import Path
 import pytest
 
 from dareflow.flows.merge import run_merge
-from tests.flows.conftest import write_recipe
+from tests.flows.conftest import dare_ties_recipe, write_recipe
 
 
 def _recipe(pico_family, tmp_path: Path) -> Path:
-    return write_recipe(tmp_path / "r.yaml", {
-        "merge_method": "dare_ties",
-        "base_model": str(pico_family["base"]),
-        "models": [{"model": str(pico_family["a"]), "parameters": {"drop_rate": 0.4}},
-                   {"model": str(pico_family["b"]), "parameters": {"drop_rate": 0.6}}],
-        "dtype": "bfloat16",
-        "seed": 9,
-    })
+    return dare_ties_recipe(tmp_path / "r.yaml", pico_family["base"], pico_family["a"],
+                            pico_family["b"], seed=9)
 
 
 def _merge_in_subprocess(recipe: Path, out: Path, store: Path, fault: str) -> int:

@@ -18,7 +18,7 @@ import pytest
 from dareflow.cli import main
 from dareflow.flows.merge import run_merge
 from dareflow.io import storage
-from tests.flows.conftest import write_recipe
+from tests.flows.conftest import dare_ties_recipe
 
 # Distinctive values: grep finds them only if they leaked.
 AWS_SECRET = "dareflowS3SecretNeverWritten0123"
@@ -33,14 +33,7 @@ def _upload(local: Path, uri: str) -> None:
 
 
 def _recipe(path: Path, base: str, a: str, b: str) -> Path:
-    return write_recipe(path, {
-        "merge_method": "dare_ties",
-        "base_model": base,
-        "models": [{"model": a, "parameters": {"drop_rate": 0.4}},
-                   {"model": b, "parameters": {"drop_rate": 0.6}}],
-        "dtype": "bfloat16",
-        "seed": 5,
-    })
+    return dare_ties_recipe(path, base, a, b, seed=5)
 
 
 def _s3_shards(out_uri: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ import pytest
 from dareflow.flows.merge import run_merge
 from dareflow.io import leases
 from dareflow.merge import publish
+from tests.flows.conftest import dare_ties_recipe
 from tests.reliability.cli_runs import (
     ROOT,
     assert_complete_model,
@@ -28,18 +29,12 @@ from tests.reliability.cli_runs import (
     shard_digests,
     start_merge,
 )
-from tests.reliability.conftest import committed_units, snapshot, write_recipe
+from tests.reliability.conftest import committed_units, snapshot
 
 
 def _recipe(family: dict[str, Path], tmp_path: Path) -> Path:
-    return write_recipe(tmp_path / "r.yaml", {
-        "merge_method": "dare_ties",
-        "base_model": str(family["base"]),
-        "models": [{"model": str(family["a"]), "parameters": {"drop_rate": 0.4}},
-                   {"model": str(family["b"]), "parameters": {"drop_rate": 0.6}}],
-        "dtype": "bfloat16",
-        "seed": 5,
-    })
+    return dare_ties_recipe(tmp_path / "r.yaml", family["base"], family["a"],
+                            family["b"], seed=5)
 
 
 @pytest.fixture(scope="module")

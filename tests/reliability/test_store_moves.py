@@ -13,8 +13,9 @@ import shutil
 from pathlib import Path
 
 from dareflow.flows.evaluate import run_evaluate
+from tests.flows.conftest import dare_ties_recipe
 from tests.reliability.cli_runs import cli_merge, shard_digests
-from tests.reliability.conftest import snapshot, write_recipe
+from tests.reliability.conftest import snapshot
 
 ONE_TASK = """\
 name: one_v1
@@ -27,14 +28,8 @@ tasks:
 
 
 def _recipe(pico_family, tmp_path: Path) -> Path:
-    return write_recipe(tmp_path / "r.yaml", {
-        "merge_method": "dare_ties",
-        "base_model": str(pico_family["base"]),
-        "models": [{"model": str(pico_family["a"]), "parameters": {"drop_rate": 0.4}},
-                   {"model": str(pico_family["b"]), "parameters": {"drop_rate": 0.6}}],
-        "dtype": "bfloat16",
-        "seed": 5,
-    })
+    return dare_ties_recipe(tmp_path / "r.yaml", pico_family["base"], pico_family["a"],
+                            pico_family["b"], seed=5)
 
 
 def _units(store: Path) -> dict[str, tuple]:
