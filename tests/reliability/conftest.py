@@ -13,7 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.flows.conftest import make_finetune, pico_family, write_recipe  # noqa: F401
+from tests.flows.conftest import (  # noqa: F401
+    dare_ties_recipe,
+    make_finetune,
+    pico_family,
+    write_recipe,
+)
 
 WEIGHTS = "model.safetensors"
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from dareflow.flows.merge import run_merge
-from tests.flows.conftest import dare_ties_recipe
-from tests.reliability.conftest import committed_units, snapshot
+from tests.reliability.conftest import committed_units, dare_ties_recipe, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 

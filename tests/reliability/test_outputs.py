@@ -20,7 +20,6 @@ import pytest
 from dareflow.flows.merge import run_merge
 from dareflow.io import leases
 from dareflow.merge import publish
-from tests.flows.conftest import dare_ties_recipe
 from tests.reliability.cli_runs import (
     ROOT,
     assert_complete_model,
@@ -29,7 +28,7 @@ from tests.reliability.cli_runs import (
     shard_digests,
     start_merge,
 )
-from tests.reliability.conftest import committed_units, snapshot
+from tests.reliability.conftest import committed_units, dare_ties_recipe, snapshot
 
 
 def _recipe(family: dict[str, Path], tmp_path: Path) -> Path:

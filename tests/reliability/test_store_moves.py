@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 
 from dareflow.flows.evaluate import run_evaluate
-from tests.flows.conftest import dare_ties_recipe
 from tests.reliability.cli_runs import cli_merge, shard_digests
-from tests.reliability.conftest import snapshot
+from tests.reliability.conftest import dare_ties_recipe, snapshot
 
 ONE_TASK = """\
 name: one_v1
